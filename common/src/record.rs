@@ -1,0 +1,174 @@
+//! The record the kernel writes to the ring buffer, the per-socket state it keeps, and the reasons
+//! a record can be lost.
+
+/// One lifecycle step of one TCP socket. 96 bytes, no padding, 8-byte aligned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Record {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the step happened.
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock`: the socket's identity while it lives.
+    pub sock: u64,
+    /// For [`RecordKind::Close`]: nanoseconds since the connection established, when known
+    /// ([`Record::FLAG_START_KNOWN`]).
+    pub duration_ns: u64,
+    /// Inode of the socket's network namespace (`sk->sk_net->ns.inum`).
+    pub netns: u32,
+    /// Thread-group id (the process id user space sees) of the owner, when known.
+    pub tgid: u32,
+    /// Thread id of the owner, when known.
+    pub tid: u32,
+    /// Local port, host byte order.
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    /// A [`RecordKind`] value.
+    pub kind: u8,
+    /// 4 or 6.
+    pub ip_version: u8,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    pub _pad0: u8,
+    /// Local address; IPv4 uses the first four bytes.
+    pub saddr: [u8; 16],
+    /// Remote address; IPv4 uses the first four bytes.
+    pub daddr: [u8; 16],
+    /// Owner's command (`comm`), NUL padded, when known.
+    pub comm: [u8; 16],
+    pub _pad1: [u8; 4],
+}
+
+impl Record {
+    /// `tgid`, `tid` and `comm` were captured in the owner's process context.
+    pub const FLAG_OWNER_KNOWN: u8 = 1;
+    /// `duration_ns` is meaningful.
+    pub const FLAG_START_KNOWN: u8 = 2;
+    /// Size in bytes, as laid out in the ring buffer.
+    pub const SIZE: usize = core::mem::size_of::<Record>();
+
+    pub const fn zeroed() -> Self {
+        Record {
+            ts_ns: 0,
+            sock: 0,
+            duration_ns: 0,
+            netns: 0,
+            tgid: 0,
+            tid: 0,
+            sport: 0,
+            dport: 0,
+            kind: 0,
+            ip_version: 0,
+            flags: 0,
+            _pad0: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm: [0; 16],
+            _pad1: [0; 4],
+        }
+    }
+}
+
+/// Lifecycle steps. The discriminants are the wire values in [`Record::kind`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// Active open started: `connect()` moved the socket from CLOSE to SYN_SENT.
+    Connect = 1,
+    /// Active open completed: SYN_SENT to ESTABLISHED.
+    Established = 2,
+    /// Passive open completed: SYN_RECV to ESTABLISHED (the accept side).
+    PassiveOpen = 3,
+    /// Active open failed: SYN_SENT to CLOSE.
+    ConnectFailed = 4,
+    /// An established connection closed.
+    Close = 5,
+    /// `accept()` handed a passively opened socket to a process: carries the owner.
+    Accepted = 6,
+}
+
+impl RecordKind {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Connect),
+            2 => Some(Self::Established),
+            3 => Some(Self::PassiveOpen),
+            4 => Some(Self::ConnectFailed),
+            5 => Some(Self::Close),
+            6 => Some(Self::Accepted),
+            _ => None,
+        }
+    }
+}
+
+/// What the kernel side remembers about a socket between lifecycle steps (map value keyed by the
+/// socket address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SockState {
+    /// When the connection established (0 while still connecting).
+    pub start_ns: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: [u8; 16],
+    /// `Record::FLAG_OWNER_KNOWN` when the owner fields are valid.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Why a record did not reach user space. Index into the kernel's per-CPU loss counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LostReason {
+    /// The ring buffer had no room for the record.
+    RingFull = 0,
+    /// The per-socket state map was full; the record went out without owner or start time.
+    SockMapFull = 1,
+    /// A kernel read (`bpf_probe_read_kernel`) failed; the record went out without that field.
+    KernelRead = 2,
+}
+
+impl LostReason {
+    pub const COUNT: u32 = 3;
+    pub const ALL: [LostReason; 3] = [Self::RingFull, Self::SockMapFull, Self::KernelRead];
+
+    /// Bounded label value for metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::RingFull => "ring_full",
+            Self::SockMapFull => "sock_map_full",
+            Self::KernelRead => "kernel_read",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` data without padding or pointers; any bit pattern is valid.
+    unsafe impl aya::Pod for super::SockState {}
+    unsafe impl aya::Pod for super::Record {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_layout_has_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<Record>(), 96);
+        assert_eq!(core::mem::align_of::<Record>(), 8);
+        assert_eq!(core::mem::size_of::<SockState>(), 40);
+    }
+
+    #[test]
+    fn kinds_round_trip() {
+        for v in 0..=255u8 {
+            if let Some(k) = RecordKind::from_u8(v) {
+                assert_eq!(k as u8, v);
+            }
+        }
+        assert_eq!(RecordKind::from_u8(0), None);
+        assert_eq!(RecordKind::from_u8(7), None);
+    }
+}

@@ -1,0 +1,300 @@
+//! The daemon core: probe → ring-buffer reader → connection table → exposition, plus startup
+//! recovery, loss polling and an orderly shutdown that detaches every program.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{sync::broadcast, sync::watch, task::JoinHandle};
+
+use crate::{
+    conntable::{ConnTable, recover},
+    event::{Event, reader},
+    exposition::{http, metrics::Metrics},
+    probe::{Probe, ProbeError, ProbeOptions},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("ring buffer reader: {0}")]
+    Reader(std::io::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub probe: ProbeOptions,
+    /// Address of the HTTP server (/metrics, /healthz, /connections).
+    pub listen: SocketAddr,
+    /// How often the reader polls the ring buffer between wakeups.
+    pub poll_interval: Duration,
+    /// Recover connections that predate the daemon from /proc.
+    pub recover: bool,
+    pub proc_root: PathBuf,
+    pub netns_dirs: Vec<PathBuf>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            probe: ProbeOptions::default(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9990)),
+            poll_interval: Duration::from_millis(100),
+            recover: true,
+            proc_root: PathBuf::from("/proc"),
+            netns_dirs: crate::probe::default_netns_dirs(),
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// State shared by the reader, the HTTP handlers and embedders (tests).
+pub struct Shared {
+    table: Mutex<ConnTable>,
+    pub metrics: Metrics,
+    ready: AtomicBool,
+    events: broadcast::Sender<Event>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Shared {
+            table: Mutex::new(ConnTable::new()),
+            metrics: Metrics::new(),
+            ready: AtomicBool::new(false),
+            events: broadcast::channel(1 << 16).0,
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, ConnTable> {
+        // A panic while holding the lock leaves a table that is still consistent enough to read.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` with the connection table locked.
+    pub fn with_table<T>(&self, f: impl FnOnce(&ConnTable) -> T) -> T {
+        f(&self.table())
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn refresh_gauges(&self) {
+        let n = self.table().len();
+        self.metrics.active.set(n as i64);
+    }
+
+    fn apply(&self, batch: reader::Batch) {
+        for e in &batch.errors {
+            tracing::warn!(error = %e, "undecodable record");
+            self.metrics.lost_user(e.reason());
+        }
+        {
+            let mut table = self.table();
+            for ev in &batch.events {
+                let change = table.apply(ev);
+                self.metrics.observe(ev.kind, &change);
+            }
+            self.metrics.active.set(table.len() as i64);
+        }
+        for ev in batch.events {
+            // No subscribers is the normal case for the daemon.
+            let _ = self.events.send(ev);
+        }
+    }
+}
+
+/// A running daemon core.
+pub struct Agent {
+    shared: Arc<Shared>,
+    probe: Arc<Mutex<Probe>>,
+    http_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    reader: JoinHandle<std::io::Result<()>>,
+}
+
+impl Agent {
+    /// Attaches the probes, starts reading, recovers pre-existing connections and serves HTTP.
+    pub async fn start(opts: AgentOptions) -> Result<Agent, AgentError> {
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr: opts.listen,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| AgentError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+        let probe_opts = opts.probe.clone();
+        let (probe, ring) = tokio::task::spawn_blocking(move || Probe::load(&probe_opts))
+            .await
+            .map_err(|e| AgentError::Reader(std::io::Error::other(e)))??;
+        let shared = Arc::new(Shared::new());
+        shared
+            .metrics
+            .build_info
+            .get_or_create(&crate::exposition::metrics::BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                hooks: probe.plan.describe(),
+            })
+            .set(1);
+        shared.metrics.set_kernel_lost(&probe.lost()?);
+        let probe = Arc::new(Mutex::new(probe));
+        let (stop, stop_rx) = watch::channel(false);
+
+        // Records that arrive while /proc is scanned must win over what the scan found.
+        shared.table().begin_recovery();
+        let reader = {
+            let shared = shared.clone();
+            tokio::spawn(reader::run(
+                ring,
+                opts.poll_interval,
+                stop_rx.clone(),
+                move |batch| shared.apply(batch),
+            ))
+        };
+
+        let mut tasks = Vec::new();
+        tasks.push({
+            let shared = shared.clone();
+            let (recover_on, proc_root, dirs) = (
+                opts.recover,
+                opts.proc_root.clone(),
+                opts.netns_dirs.clone(),
+            );
+            tokio::spawn(async move {
+                if recover_on {
+                    let scan =
+                        tokio::task::spawn_blocking(move || recover::scan(&proc_root, &dirs))
+                            .await
+                            .unwrap_or_default();
+                    let added = shared.table().finish_recovery(scan.conns);
+                    shared.metrics.recovered.inc_by(added as u64);
+                    tracing::info!(
+                        namespaces = scan.namespaces,
+                        connections = added,
+                        "recovered connections that predate the daemon"
+                    );
+                } else {
+                    shared.table().finish_recovery(Vec::new());
+                }
+                shared.ready.store(true, Ordering::Release);
+            })
+        });
+
+        tasks.push({
+            let (shared, probe, mut stop_rx) = (shared.clone(), probe.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop_rx.changed() => return,
+                    }
+                    let lost = probe.lock().map(|p| p.lost());
+                    match lost {
+                        Ok(Ok(totals)) => shared.metrics.set_kernel_lost(&totals),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "reading loss counters"),
+                        Err(_) => return,
+                    }
+                    let dropped = shared.table().sweep(monotonic_ns());
+                    if dropped > 0 {
+                        tracing::debug!(dropped, "dropped stale pending connects");
+                    }
+                }
+            })
+        });
+
+        tasks.push({
+            let router = http::router(shared.clone());
+            let mut stop_rx = stop_rx.clone();
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                };
+                if let Err(e) = axum::serve(listener, router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            })
+        });
+        tracing::info!(%http_addr, "serving /metrics, /healthz, /connections");
+
+        Ok(Agent {
+            shared,
+            probe,
+            http_addr,
+            stop,
+            tasks,
+            reader,
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Every decoded event from now on (for embedders and tests; lagging receivers lose events
+    /// and are told so by the channel).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// Waits until startup recovery finished.
+    pub async fn ready(&self) {
+        while !self.shared.is_ready() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Names of the attached eBPF programs.
+    pub fn programs(&self) -> Vec<String> {
+        self.probe.lock().map(|p| p.programs()).unwrap_or_default()
+    }
+
+    /// Stops every task, drains the ring buffer and detaches the programs.
+    pub async fn shutdown(self) -> Result<(), AgentError> {
+        let _ = self.stop.send(true);
+        let read = self.reader.await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        drop(self.probe);
+        tracing::info!("eBPF programs detached");
+        match read {
+            Ok(r) => r.map_err(AgentError::Reader),
+            Err(e) => Err(AgentError::Reader(std::io::Error::other(e))),
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Command line.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{agent::AgentOptions, probe::ProbeOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fanout",
+    version,
+    about = "Shows whether gRPC clients really spread their calls across all pods of a service"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the node agent: trace TCP connections and serve /metrics, /healthz, /connections.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Address for the HTTP server.
+    #[arg(long, env = "FANOUT_LISTEN", default_value = "127.0.0.1:9990")]
+    pub listen: SocketAddr,
+    /// How often to poll the ring buffer between wakeups (e.g. 100ms, 1s).
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// Ring buffer size in bytes (a power of two).
+    #[arg(long, default_value_t = ProbeOptions::default().ring_bytes)]
+    pub ring_bytes: u32,
+    /// Capacity of the kernel's per-socket state map.
+    #[arg(long, default_value_t = ProbeOptions::default().sock_entries)]
+    pub sock_entries: u32,
+    /// Wake the reader early once this many bytes wait in the ring buffer.
+    #[arg(long, default_value_t = ProbeOptions::default().wakeup_bytes)]
+    pub wakeup_bytes: u64,
+    /// Do not scan /proc for connections that predate the daemon.
+    #[arg(long)]
+    pub no_recover: bool,
+    /// Kernel BTF used to resolve struct offsets.
+    #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
+    pub btf: PathBuf,
+    /// /proc of the host (mount the host's /proc here when running in a container).
+    #[arg(long, default_value = "/proc")]
+    pub proc_root: PathBuf,
+}
+
+impl RunArgs {
+    pub fn agent_options(&self) -> AgentOptions {
+        AgentOptions {
+            probe: ProbeOptions {
+                ring_bytes: self.ring_bytes,
+                sock_entries: self.sock_entries,
+                wakeup_bytes: self.wakeup_bytes,
+                btf_path: self.btf.clone(),
+            },
+            listen: self.listen,
+            poll_interval: self.poll_interval,
+            recover: !self.no_recover,
+            proc_root: self.proc_root.clone(),
+            netns_dirs: crate::probe::default_netns_dirs(),
+        }
+    }
+}
+
+/// Parses durations like `250ms`, `30s`, `5m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid duration {s:?}: expected a number with a unit such as 30s")
+    })?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {s:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    if d.is_zero() {
+        return Err(format!("duration {s:?} must be greater than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["fanout", "run", "--listen", "0.0.0.0:1"]).unwrap();
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.agent_options().listen.port(), 1);
+        assert!(Cli::try_parse_from(["fanout", "run", "--poll-interval", "x"]).is_err());
+    }
+}

@@ -1,0 +1,424 @@
+//! The live connection table: every TCP connection of every network namespace on the node, keyed by
+//! (network namespace, local address, remote address), built from lifecycle events and from the
+//! connections that already existed when the daemon started.
+
+pub mod recover;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use fanout_common::RecordKind;
+use serde::Serialize;
+
+use crate::event::{Event, Owner};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+pub struct ConnKey {
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// This side called connect().
+    Outbound,
+    /// This side accepted.
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Seen opening by the tracer.
+    Traced,
+    /// Found at startup (it predates the daemon).
+    Recovered,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Conn {
+    pub key: ConnKey,
+    pub direction: Direction,
+    pub origin: Origin,
+    /// Kernel socket address; 0 when recovered from /proc.
+    pub sock: u64,
+    pub owner: Option<Owner>,
+    /// CLOCK_MONOTONIC ns when it established, when known.
+    pub opened_ns: Option<u64>,
+}
+
+/// A connect() still waiting for its handshake. The local port is often not chosen yet at
+/// connect time, so pending connects are keyed by socket.
+#[derive(Clone, Debug)]
+struct Pending {
+    netns: u32,
+    remote: SocketAddr,
+    owner: Option<Owner>,
+    ts_ns: u64,
+}
+
+/// What applying one event did to the table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Connecting,
+    Opened(Conn),
+    OwnerLearnt(ConnKey),
+    Failed {
+        netns: u32,
+        remote: SocketAddr,
+        owner: Option<Owner>,
+    },
+    Closed {
+        conn: Conn,
+        duration: Option<Duration>,
+    },
+    /// A close, accept or handshake for a socket the table never knew (its earlier records were
+    /// lost, or it predates the daemon and recovery missed it).
+    Unmatched(RecordKind),
+}
+
+#[derive(Default)]
+pub struct ConnTable {
+    conns: HashMap<ConnKey, Conn>,
+    by_sock: HashMap<u64, ConnKey>,
+    pending: HashMap<u64, Pending>,
+    /// While startup recovery runs: connections that closed without the table knowing them.
+    /// The scan may have seen them alive; they must not be resurrected.
+    closed_while_recovering: Option<HashSet<ConnKey>>,
+}
+
+/// Pending connects older than this are dropped by [`ConnTable::sweep`]: the kernel gives up on
+/// a handshake long before (tcp_syn_retries=6 is about two minutes).
+pub const PENDING_TTL: Duration = Duration::from_secs(600);
+
+impl ConnTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn get(&self, key: &ConnKey) -> Option<&Conn> {
+        self.conns.get(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Conn> {
+        self.conns.values()
+    }
+
+    fn insert(&mut self, conn: Conn) {
+        self.remove(&conn.key);
+        if conn.sock != 0 {
+            self.by_sock.insert(conn.sock, conn.key);
+        }
+        self.conns.insert(conn.key, conn);
+    }
+
+    fn remove(&mut self, key: &ConnKey) -> Option<Conn> {
+        let conn = self.conns.remove(key)?;
+        if conn.sock != 0 && self.by_sock.get(&conn.sock) == Some(key) {
+            self.by_sock.remove(&conn.sock);
+        }
+        Some(conn)
+    }
+
+    /// Applies one lifecycle event.
+    pub fn apply(&mut self, ev: &Event) -> Change {
+        let key = ConnKey {
+            netns: ev.netns,
+            local: ev.local,
+            remote: ev.remote,
+        };
+        match ev.kind {
+            RecordKind::Connect => {
+                self.pending.insert(
+                    ev.sock,
+                    Pending {
+                        netns: ev.netns,
+                        remote: ev.remote,
+                        owner: ev.owner.clone(),
+                        ts_ns: ev.ts_ns,
+                    },
+                );
+                Change::Connecting
+            }
+            RecordKind::Established => {
+                let pending = self.pending.remove(&ev.sock);
+                let owner = ev.owner.clone().or_else(|| pending.and_then(|p| p.owner));
+                let conn = Conn {
+                    key,
+                    direction: Direction::Outbound,
+                    origin: Origin::Traced,
+                    sock: ev.sock,
+                    owner,
+                    opened_ns: Some(ev.ts_ns),
+                };
+                self.insert(conn.clone());
+                Change::Opened(conn)
+            }
+            RecordKind::PassiveOpen => {
+                let conn = Conn {
+                    key,
+                    direction: Direction::Inbound,
+                    origin: Origin::Traced,
+                    sock: ev.sock,
+                    owner: ev.owner.clone(),
+                    opened_ns: Some(ev.ts_ns),
+                };
+                self.insert(conn.clone());
+                Change::Opened(conn)
+            }
+            RecordKind::Accepted => {
+                let Some(key) = self.by_sock.get(&ev.sock).copied() else {
+                    return Change::Unmatched(RecordKind::Accepted);
+                };
+                match self.conns.get_mut(&key) {
+                    Some(conn) if ev.owner.is_some() => {
+                        conn.owner = ev.owner.clone();
+                        Change::OwnerLearnt(key)
+                    }
+                    _ => Change::Unmatched(RecordKind::Accepted),
+                }
+            }
+            RecordKind::ConnectFailed => {
+                let pending = self.pending.remove(&ev.sock);
+                let (netns, remote, owner) = match pending {
+                    Some(p) => (p.netns, p.remote, ev.owner.clone().or(p.owner)),
+                    None => (ev.netns, ev.remote, ev.owner.clone()),
+                };
+                Change::Failed {
+                    netns,
+                    remote,
+                    owner,
+                }
+            }
+            RecordKind::Close => {
+                // By tuple first (recovered connections have no socket address), then by socket.
+                let found = self.remove(&key).or_else(|| {
+                    let k = self.by_sock.get(&ev.sock).copied()?;
+                    self.remove(&k)
+                });
+                match found {
+                    Some(conn) => Change::Closed {
+                        conn,
+                        duration: ev.duration,
+                    },
+                    None => {
+                        if let Some(closed) = &mut self.closed_while_recovering {
+                            closed.insert(key);
+                        }
+                        Change::Unmatched(RecordKind::Close)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts remembering closes of unknown connections until [`ConnTable::finish_recovery`].
+    pub fn begin_recovery(&mut self) {
+        self.closed_while_recovering = Some(HashSet::new());
+    }
+
+    /// Adds connections found at startup. A connection the tracer already reported wins, and one
+    /// that closed since recovery began stays closed. Returns how many were added.
+    pub fn finish_recovery(&mut self, found: impl IntoIterator<Item = Conn>) -> usize {
+        let closed = self.closed_while_recovering.take().unwrap_or_default();
+        let mut added = 0;
+        for conn in found {
+            if !self.conns.contains_key(&conn.key) && !closed.contains(&conn.key) {
+                self.insert(conn);
+                added += 1;
+            }
+        }
+        added
+    }
+
+    /// Drops pending connects older than [`PENDING_TTL`] (their outcome was lost). Returns how
+    /// many were dropped.
+    pub fn sweep(&mut self, now_ns: u64) -> usize {
+        let ttl = PENDING_TTL.as_nanos() as u64;
+        let before = self.pending.len();
+        self.pending
+            .retain(|_, p| now_ns.saturating_sub(p.ts_ns) < ttl);
+        before - self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::decode;
+    use crate::event::tests::record;
+
+    fn ev(kind: RecordKind, sock: u64, local: &str, remote: &str) -> Event {
+        let mut e = decode(bytemuck::bytes_of(&record(kind))).unwrap();
+        e.sock = sock;
+        e.local = local.parse().unwrap();
+        e.remote = remote.parse().unwrap();
+        e
+    }
+
+    fn owner(pid: u32) -> Option<Owner> {
+        Some(Owner {
+            pid,
+            tid: pid,
+            comm: "client".into(),
+        })
+    }
+
+    #[test]
+    fn active_open_is_rekeyed_by_tuple_once_established() {
+        let mut t = ConnTable::new();
+        let mut c = ev(RecordKind::Connect, 1, "10.0.0.1:0", "10.0.0.2:80");
+        c.owner = owner(7);
+        assert_eq!(t.apply(&c), Change::Connecting);
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.pending_len(), 1);
+        let e = ev(RecordKind::Established, 1, "10.0.0.1:5555", "10.0.0.2:80");
+        let Change::Opened(conn) = t.apply(&e) else {
+            panic!("not opened")
+        };
+        assert_eq!(conn.direction, Direction::Outbound);
+        assert_eq!(conn.owner, owner(7), "owner carried over from connect");
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.pending_len(), 0);
+        let mut cl = ev(RecordKind::Close, 1, "10.0.0.1:5555", "10.0.0.2:80");
+        cl.duration = Some(Duration::from_secs(3));
+        assert!(matches!(
+            t.apply(&cl),
+            Change::Closed { duration: Some(d), .. } if d == Duration::from_secs(3)
+        ));
+        assert!(t.is_empty());
+        assert_eq!(t.apply(&cl), Change::Unmatched(RecordKind::Close));
+    }
+
+    #[test]
+    fn passive_open_learns_owner_at_accept() {
+        let mut t = ConnTable::new();
+        let p = ev(RecordKind::PassiveOpen, 9, "10.0.0.2:80", "10.0.0.1:5555");
+        assert!(matches!(t.apply(&p), Change::Opened(c) if c.owner.is_none()));
+        let mut a = ev(RecordKind::Accepted, 9, "0.0.0.0:0", "0.0.0.0:0");
+        a.owner = owner(99);
+        let Change::OwnerLearnt(key) = t.apply(&a) else {
+            panic!("owner not learnt")
+        };
+        assert_eq!(t.get(&key).unwrap().owner, owner(99));
+        a.sock = 10;
+        assert_eq!(t.apply(&a), Change::Unmatched(RecordKind::Accepted));
+    }
+
+    #[test]
+    fn failed_connect_clears_pending() {
+        let mut t = ConnTable::new();
+        let mut c = ev(RecordKind::Connect, 3, "10.0.0.1:0", "10.0.0.2:81");
+        c.owner = owner(5);
+        t.apply(&c);
+        let f = ev(RecordKind::ConnectFailed, 3, "10.0.0.1:4000", "10.0.0.2:81");
+        assert_eq!(
+            t.apply(&f),
+            Change::Failed {
+                netns: c.netns,
+                remote: "10.0.0.2:81".parse().unwrap(),
+                owner: owner(5)
+            }
+        );
+        assert_eq!(t.pending_len(), 0);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn recovered_connections_close_by_tuple_and_never_override_traced_ones() {
+        let mut t = ConnTable::new();
+        let traced = ev(RecordKind::PassiveOpen, 4, "10.0.0.2:80", "10.0.0.1:1");
+        t.begin_recovery();
+        t.apply(&traced);
+        // Closed after the scan read it, before the scan result was merged.
+        t.apply(&ev(RecordKind::Close, 77, "10.0.0.2:7", "10.0.0.3:7"));
+        let rec = |local: &str, remote: &str| Conn {
+            key: ConnKey {
+                netns: traced.netns,
+                local: local.parse().unwrap(),
+                remote: remote.parse().unwrap(),
+            },
+            direction: Direction::Outbound,
+            origin: Origin::Recovered,
+            sock: 0,
+            owner: None,
+            opened_ns: None,
+        };
+        let added = t.finish_recovery([
+            rec("10.0.0.2:80", "10.0.0.1:1"),
+            rec("10.0.0.2:9", "10.0.0.3:2"),
+            rec("10.0.0.2:7", "10.0.0.3:7"),
+        ]);
+        assert_eq!(added, 1);
+        assert_eq!(t.len(), 2);
+        let close = ev(RecordKind::Close, 12345, "10.0.0.2:9", "10.0.0.3:2");
+        assert!(
+            matches!(t.apply(&close), Change::Closed { conn, duration: None } if conn.origin == Origin::Recovered)
+        );
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn same_tuple_in_different_namespaces_are_different_connections() {
+        let mut t = ConnTable::new();
+        let a = ev(RecordKind::PassiveOpen, 1, "10.0.0.2:80", "10.0.0.1:1");
+        let mut b = a.clone();
+        b.netns += 1;
+        b.sock = 2;
+        t.apply(&a);
+        t.apply(&b);
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn socket_address_reuse_does_not_drop_the_new_connection() {
+        let mut t = ConnTable::new();
+        t.apply(&ev(RecordKind::PassiveOpen, 1, "10.0.0.2:80", "10.0.0.1:1"));
+        t.apply(&ev(RecordKind::Close, 1, "10.0.0.2:80", "10.0.0.1:1"));
+        // The kernel reuses the sock address for a new connection.
+        t.apply(&ev(RecordKind::PassiveOpen, 1, "10.0.0.2:80", "10.0.0.1:2"));
+        let mut a = ev(RecordKind::Accepted, 1, "0.0.0.0:0", "0.0.0.0:0");
+        a.owner = owner(1);
+        assert!(matches!(t.apply(&a), Change::OwnerLearnt(k) if k.remote.port() == 2));
+    }
+
+    #[test]
+    fn sweep_drops_only_stale_pending_connects() {
+        let mut t = ConnTable::new();
+        let mut c = ev(RecordKind::Connect, 1, "10.0.0.1:0", "10.0.0.2:80");
+        c.ts_ns = 0;
+        t.apply(&c);
+        let mut c2 = c.clone();
+        c2.sock = 2;
+        c2.ts_ns = PENDING_TTL.as_nanos() as u64;
+        t.apply(&c2);
+        assert_eq!(t.sweep(PENDING_TTL.as_nanos() as u64 + 1), 1);
+        assert_eq!(t.pending_len(), 1);
+    }
+}

@@ -1,0 +1,328 @@
+//! Startup recovery: connections that existed before the tracer attached, read from
+//! `/proc/.../net/tcp` and `tcp6` once per distinct network namespace.
+//!
+//! Namespaces are found through every thread's `/proc/<pid>/task/<tid>/ns/net` and through the
+//! bind mounts in `/run/netns` (namespaces that no process lives in, as `ip netns` makes them).
+//! Owners come from the socket inodes in `/proc/<pid>/fd`.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+use super::{Conn, ConnKey, Direction, Origin};
+use crate::event::Owner;
+
+/// One row of /proc/net/tcp{,6}.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcSock {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Kernel TCP state number.
+    pub state: u8,
+    pub inode: u64,
+}
+
+const ST_LISTEN: u8 = 0x0a;
+
+/// States of a full socket that is (or was) a connection and will still go to CLOSE.
+fn is_connection_state(st: u8) -> bool {
+    // ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING
+    matches!(st, 0x01 | 0x04 | 0x05 | 0x08 | 0x09 | 0x0b)
+}
+
+fn parse_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    // The kernel prints each 32-bit word of the network-order address as a native integer.
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = ip.get(i * 8..i * 8 + 8)?;
+        Some(u32::from_str_radix(w, 16).ok()?.to_ne_bytes())
+    };
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Ipv6Addr::from(b).to_canonical()
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Parses the text of /proc/net/tcp or /proc/net/tcp6. Malformed rows are skipped.
+pub fn parse_proc_net_tcp(text: &str) -> Vec<ProcSock> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            if f.len() < 10 {
+                return None;
+            }
+            Some(ProcSock {
+                local: parse_addr(f[1])?,
+                remote: parse_addr(f[2])?,
+                state: u8::from_str_radix(f[3], 16).ok()?,
+                inode: f[9].parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Turns one namespace's socket rows into connections. A connection whose local port has a
+/// listener in the namespace (on its address or a wildcard) was accepted; any other was dialled.
+pub fn connections(netns: u32, socks: &[ProcSock], owners: &HashMap<u64, Owner>) -> Vec<Conn> {
+    let listeners: HashSet<SocketAddr> = socks
+        .iter()
+        .filter(|s| s.state == ST_LISTEN)
+        .map(|s| s.local)
+        .collect();
+    let listening = |local: &SocketAddr| {
+        let any: IpAddr = if local.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        listeners.contains(local)
+            || listeners.contains(&SocketAddr::new(any, local.port()))
+            // A dual-stack [::] listener also accepts IPv4.
+            || listeners.contains(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), local.port()))
+    };
+    socks
+        .iter()
+        .filter(|s| is_connection_state(s.state))
+        .map(|s| Conn {
+            key: ConnKey {
+                netns,
+                local: s.local,
+                remote: s.remote,
+            },
+            direction: if listening(&s.local) {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
+            origin: Origin::Recovered,
+            sock: 0,
+            owner: owners.get(&s.inode).cloned(),
+            opened_ns: None,
+        })
+        .collect()
+}
+
+fn inode_of_link(link: &Path, kind: &str) -> Option<u64> {
+    let target = std::fs::read_link(link).ok()?;
+    let s = target.to_str()?;
+    s.strip_prefix(kind)?
+        .strip_prefix(":[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+fn numeric_dirs(dir: &Path) -> Vec<u32> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Socket inode → owning process, from every process's fd table.
+fn socket_owners(proc: &Path) -> HashMap<u64, Owner> {
+    let mut owners = HashMap::new();
+    for pid in numeric_dirs(proc) {
+        let pdir = proc.join(pid.to_string());
+        let comm = std::fs::read_to_string(pdir.join("comm"))
+            .map(|c| c.trim_end().to_string())
+            .unwrap_or_default();
+        let Ok(fds) = std::fs::read_dir(pdir.join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Some(inode) = inode_of_link(&fd.path(), "socket") {
+                owners.entry(inode).or_insert_with(|| Owner {
+                    pid,
+                    tid: pid,
+                    comm: comm.clone(),
+                });
+            }
+        }
+    }
+    owners
+}
+
+fn read_tables(dir: &Path) -> Vec<ProcSock> {
+    let mut socks = Vec::new();
+    for name in ["tcp", "tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(dir.join(name)) {
+            socks.extend(parse_proc_net_tcp(&text));
+        }
+    }
+    socks
+}
+
+/// Reads tcp/tcp6 of a namespace no process lives in, from a thread that enters it.
+fn read_tables_in(ns_file: &Path) -> std::io::Result<Vec<ProcSock>> {
+    let f = File::open(ns_file)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: valid namespace fd; only this short-lived thread changes namespace.
+            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(read_tables(Path::new("/proc/thread-self/net")))
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("netns reader thread panicked"))?
+    })
+}
+
+/// Result of a startup scan.
+#[derive(Default, Debug)]
+pub struct Scan {
+    pub conns: Vec<Conn>,
+    pub namespaces: usize,
+}
+
+/// Scans every network namespace on the host for existing connections.
+pub fn scan(proc: &Path, netns_dirs: &[PathBuf]) -> Scan {
+    let owners = socket_owners(proc);
+    let mut seen: HashSet<u32> = HashSet::new();
+    let mut out = Scan::default();
+    for pid in numeric_dirs(proc) {
+        let tdir = proc.join(pid.to_string()).join("task");
+        for tid in numeric_dirs(&tdir) {
+            let task = tdir.join(tid.to_string());
+            let Some(ns) = inode_of_link(&task.join("ns/net"), "net") else {
+                continue;
+            };
+            let ns = ns as u32;
+            if !seen.insert(ns) {
+                continue;
+            }
+            out.conns
+                .extend(connections(ns, &read_tables(&task.join("net")), &owners));
+        }
+    }
+    for dir in netns_dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            let ns = meta.ino() as u32;
+            if !seen.insert(ns) {
+                continue;
+            }
+            match read_tables_in(&e.path()) {
+                Ok(socks) => out.conns.extend(connections(ns, &socks, &owners)),
+                Err(err) => {
+                    tracing::warn!(path = %e.path().display(), %err, "cannot read namespace")
+                }
+            }
+        }
+    }
+    out.namespaces = seen.len();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 1002 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:D431 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 1003 1 0000000000000000 20 4 30 10 -1
+   3: 0100007F:D432 0100007F:1F90 06 00000000:00000000 03:00001000 00000000     0        0 0 3 0000000000000000
+   4: garbage
+";
+
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2001 1 0000000000000000 100 0 0 10 0
+   1: 000000000000000000000000010000000:0050 x 01
+   2: 0000000000000000FFFF00000200F40A:0050 0000000000000000FFFF00000300F40A:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2002 1 0000000000000000 20 4 30 10 -1
+   3: 000000FD44020000000000000200000:0050 x 01
+   4: 00FD440200000000000000000200000000:1 x 01
+   5: 440200FD000000000000000002000000:0050 440200FD000000000000000003000000:9C41 08 00000000:00000000 00:00000000 00000000     0        0 2003 1 0000000000000000 20 4 30 10 -1
+";
+
+    #[test]
+    fn parses_ipv4_rows() {
+        let socks = parse_proc_net_tcp(TCP);
+        assert_eq!(socks.len(), 4, "garbage row skipped");
+        assert_eq!(socks[0].local, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(socks[0].state, ST_LISTEN);
+        assert_eq!(socks[1].remote, "127.0.0.1:54321".parse().unwrap());
+        assert_eq!(socks[1].inode, 1002);
+    }
+
+    #[test]
+    fn parses_ipv6_rows_and_mapped_ipv4() {
+        let socks = parse_proc_net_tcp(TCP6);
+        assert_eq!(socks.len(), 3, "{socks:?}");
+        assert_eq!(socks[1].local, "10.244.0.2:80".parse().unwrap());
+        assert_eq!(socks[1].remote, "10.244.0.3:40000".parse().unwrap());
+        assert_eq!(
+            socks[2].local,
+            "[fd00:244::2]:80".parse::<SocketAddr>().unwrap(),
+            "words are native-endian u32s"
+        );
+    }
+
+    #[test]
+    fn directions_from_listeners_and_states_filtered() {
+        let mut owners = HashMap::new();
+        owners.insert(
+            1003,
+            Owner {
+                pid: 10,
+                tid: 10,
+                comm: "client".into(),
+            },
+        );
+        let conns = connections(7, &parse_proc_net_tcp(TCP), &owners);
+        assert_eq!(conns.len(), 2, "listener and TIME_WAIT are not connections");
+        let inbound = conns.iter().find(|c| c.key.local.port() == 8080).unwrap();
+        assert_eq!(inbound.direction, Direction::Inbound);
+        let outbound = conns.iter().find(|c| c.key.local.port() == 54321).unwrap();
+        assert_eq!(outbound.direction, Direction::Outbound);
+        assert_eq!(outbound.owner.as_ref().unwrap().pid, 10);
+        assert!(
+            conns
+                .iter()
+                .all(|c| c.origin == Origin::Recovered && c.key.netns == 7)
+        );
+        // A dual-stack [::] listener makes mapped IPv4 connections inbound.
+        let v6 = connections(8, &parse_proc_net_tcp(TCP6), &owners);
+        assert_eq!(v6.len(), 2);
+        assert!(v6.iter().all(|c| c.direction == Direction::Inbound));
+    }
+
+    #[test]
+    fn scans_own_namespace_and_finds_own_connection() {
+        // Unprivileged: our own process and its sockets are readable.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_s, _) = l.accept().unwrap();
+        let scan = scan(Path::new("/proc"), &[]);
+        assert!(scan.namespaces >= 1);
+        let local = c.local_addr().unwrap();
+        let mine = scan
+            .conns
+            .iter()
+            .find(|x| x.key.local == local && x.key.remote == l.local_addr().unwrap())
+            .expect("own connection recovered");
+        assert_eq!(mine.direction, Direction::Outbound);
+        assert_eq!(mine.owner.as_ref().map(|o| o.pid), Some(std::process::id()));
+    }
+}

@@ -1,0 +1,208 @@
+//! Kernel records → typed events, and the ring-buffer reader that feeds them to the daemon.
+
+pub mod reader;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+use fanout_common::{Record, RecordKind};
+use serde::Serialize;
+
+/// The process that owns a socket, captured in its own context at connect or accept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Owner {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+}
+
+/// One decoded lifecycle record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: RecordKind,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel socket address (identity while the socket lives).
+    pub sock: u64,
+    pub netns: u32,
+    /// Unspecified for [`RecordKind::Accepted`], which only names the socket.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub owner: Option<Owner>,
+    /// Connection lifetime, on close when the start was seen.
+    pub duration: Option<Duration>,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record has {0} bytes, expected {expected}", expected = Record::SIZE)]
+    Size(usize),
+    #[error("unknown record kind {0}")]
+    Kind(u8),
+    #[error("unknown IP version {0}")]
+    IpVersion(u8),
+}
+
+impl DecodeError {
+    /// Bounded label value for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Size(_) => "decode_size",
+            DecodeError::Kind(_) => "decode_kind",
+            DecodeError::IpVersion(_) => "decode_ip_version",
+        }
+    }
+}
+
+fn ip(version: u8, raw: [u8; 16]) -> IpAddr {
+    if version == 4 {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    } else {
+        // Dual-stack sockets talk IPv4 as ::ffff:a.b.c.d; report the IPv4 address.
+        Ipv6Addr::from(raw).to_canonical()
+    }
+}
+
+fn comm(raw: &[u8; 16]) -> String {
+    let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..len]).into_owned()
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    if bytes.len() != Record::SIZE {
+        return Err(DecodeError::Size(bytes.len()));
+    }
+    let rec: Record = bytemuck::pod_read_unaligned(bytes);
+    let kind = RecordKind::from_u8(rec.kind).ok_or(DecodeError::Kind(rec.kind))?;
+    let (local, remote) = match (kind, rec.ip_version) {
+        (RecordKind::Accepted, _) => {
+            let none = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+            (none, none)
+        }
+        (_, 4 | 6) => (
+            SocketAddr::new(ip(rec.ip_version, rec.saddr), rec.sport),
+            SocketAddr::new(ip(rec.ip_version, rec.daddr), rec.dport),
+        ),
+        (_, v) => return Err(DecodeError::IpVersion(v)),
+    };
+    let owner = (rec.flags & Record::FLAG_OWNER_KNOWN != 0).then(|| Owner {
+        pid: rec.tgid,
+        tid: rec.tid,
+        comm: comm(&rec.comm),
+    });
+    let duration =
+        (rec.flags & Record::FLAG_START_KNOWN != 0).then(|| Duration::from_nanos(rec.duration_ns));
+    Ok(Event {
+        kind,
+        ts_ns: rec.ts_ns,
+        sock: rec.sock,
+        netns: rec.netns,
+        local,
+        remote,
+        owner,
+        duration,
+    })
+}
+
+/// Wire name of a record kind, for logs and bounded metric labels.
+pub fn kind_name(kind: RecordKind) -> &'static str {
+    match kind {
+        RecordKind::Connect => "connect",
+        RecordKind::Established => "established",
+        RecordKind::PassiveOpen => "passive_open",
+        RecordKind::ConnectFailed => "connect_failed",
+        RecordKind::Close => "close",
+        RecordKind::Accepted => "accepted",
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn record(kind: RecordKind) -> Record {
+        let mut r = Record::zeroed();
+        r.kind = kind as u8;
+        r.ts_ns = 1_000;
+        r.sock = 0xffff_8880_0000_1000;
+        r.netns = 4026532000;
+        r.ip_version = 4;
+        r.saddr[..4].copy_from_slice(&[10, 244, 0, 2]);
+        r.daddr[..4].copy_from_slice(&[10, 244, 0, 3]);
+        r.sport = 40000;
+        r.dport = 8080;
+        r
+    }
+
+    #[test]
+    fn decodes_ipv4_with_owner_and_duration() {
+        let mut r = record(RecordKind::Close);
+        r.flags = Record::FLAG_OWNER_KNOWN | Record::FLAG_START_KNOWN;
+        r.tgid = 42;
+        r.tid = 43;
+        r.comm[..4].copy_from_slice(b"curl");
+        r.duration_ns = 1_500_000_000;
+        let ev = decode(bytemuck::bytes_of(&r)).unwrap();
+        assert_eq!(ev.kind, RecordKind::Close);
+        assert_eq!(ev.local, "10.244.0.2:40000".parse().unwrap());
+        assert_eq!(ev.remote, "10.244.0.3:8080".parse().unwrap());
+        assert_eq!(
+            ev.owner,
+            Some(Owner {
+                pid: 42,
+                tid: 43,
+                comm: "curl".into()
+            })
+        );
+        assert_eq!(ev.duration, Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn decodes_ipv6_and_canonicalises_mapped_ipv4() {
+        let mut r = record(RecordKind::Established);
+        r.ip_version = 6;
+        r.saddr = "fd00:244::2".parse::<Ipv6Addr>().unwrap().octets();
+        r.daddr = "::ffff:10.244.0.3".parse::<Ipv6Addr>().unwrap().octets();
+        let ev = decode(bytemuck::bytes_of(&r)).unwrap();
+        assert_eq!(ev.local, "[fd00:244::2]:40000".parse().unwrap());
+        assert_eq!(ev.remote, "10.244.0.3:8080".parse().unwrap());
+        assert_eq!(ev.owner, None);
+        assert_eq!(ev.duration, None);
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        let r = record(RecordKind::Connect);
+        let bytes = bytemuck::bytes_of(&r);
+        assert_eq!(decode(&bytes[..95]), Err(DecodeError::Size(95)));
+        let mut bad = r;
+        bad.kind = 99;
+        assert_eq!(decode(bytemuck::bytes_of(&bad)), Err(DecodeError::Kind(99)));
+        let mut bad = r;
+        bad.ip_version = 5;
+        assert_eq!(
+            decode(bytemuck::bytes_of(&bad)),
+            Err(DecodeError::IpVersion(5))
+        );
+        // Any byte soup of the right size decodes or errors, never panics.
+        for seed in 0u8..=255 {
+            let soup: Vec<u8> = (0..Record::SIZE)
+                .map(|i| seed.wrapping_mul(31).wrapping_add(i as u8))
+                .collect();
+            let _ = decode(&soup);
+        }
+    }
+
+    #[test]
+    fn accepted_records_need_no_address() {
+        let mut r = record(RecordKind::Accepted);
+        r.ip_version = 0;
+        r.flags = Record::FLAG_OWNER_KNOWN;
+        let ev = decode(bytemuck::bytes_of(&r)).unwrap();
+        assert_eq!(ev.kind, RecordKind::Accepted);
+        assert!(ev.owner.is_some());
+    }
+}

@@ -1,0 +1,117 @@
+//! HTTP: `/metrics` (OpenMetrics), `/healthz`, `/connections` (the live table as JSON).
+
+use std::{collections::HashMap, sync::Arc};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Serialize;
+
+use crate::agent::Shared;
+use crate::conntable::{Conn, Direction, Origin};
+use crate::event::Owner;
+
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/connections", get(connections))
+        .fallback(not_found)
+        .with_state(shared)
+}
+
+#[derive(Serialize)]
+struct ApiError {
+    error: String,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(ApiError { error: msg.into() })).into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    shared.refresh_gauges();
+    match shared.metrics.encode() {
+        Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response(),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed"),
+    }
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.is_ready() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+#[derive(Serialize, Debug)]
+pub struct ConnView {
+    pub netns: u32,
+    pub local: String,
+    pub remote: String,
+    pub direction: Direction,
+    pub origin: Origin,
+    pub owner: Option<Owner>,
+    /// Seconds since the connection established, when the tracer saw it open.
+    pub age_seconds: Option<f64>,
+}
+
+impl ConnView {
+    fn new(c: &Conn, now_ns: u64) -> Self {
+        ConnView {
+            netns: c.key.netns,
+            local: c.key.local.to_string(),
+            remote: c.key.remote.to_string(),
+            direction: c.direction,
+            origin: c.origin,
+            owner: c.owner.clone(),
+            age_seconds: c.opened_ns.map(|t| now_ns.saturating_sub(t) as f64 / 1e9),
+        }
+    }
+}
+
+async fn connections(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let mut netns = None;
+    for (k, v) in &q {
+        match k.as_str() {
+            "netns" => match v.parse::<u32>() {
+                Ok(n) => netns = Some(n),
+                Err(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("netns must be a namespace inode number, got {v:?}"),
+                    );
+                }
+            },
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown query parameter {other:?} (known: netns)"),
+                );
+            }
+        }
+    }
+    let now = crate::agent::monotonic_ns();
+    let mut out: Vec<ConnView> = shared.with_table(|t| {
+        t.iter()
+            .filter(|c| netns.is_none_or(|n| c.key.netns == n))
+            .map(|c| ConnView::new(c, now))
+            .collect()
+    });
+    out.sort_by(|a, b| (a.netns, &a.local, &a.remote).cmp(&(b.netns, &b.local, &b.remote)));
+    Json(out).into_response()
+}

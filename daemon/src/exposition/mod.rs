@@ -1,0 +1,3 @@
+//! What fanout shows: Prometheus metrics and the HTTP API.
+pub mod http;
+pub mod metrics;

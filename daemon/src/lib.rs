@@ -1,0 +1,14 @@
+//! fanout: a node agent that traces every TCP connection of every pod network namespace and shows
+//! whether gRPC clients spread their calls across all pods of a service.
+//!
+//! Data path, one module per stage:
+//! [`probe`] (eBPF programs, kernel layouts) → [`event`] (ring buffer records) →
+//! [`conntable`] (live connections, startup recovery) → [`exposition`] (metrics, HTTP API).
+//! [`agent`] wires the stages together; [`cli`] is the command line.
+
+pub mod agent;
+pub mod cli;
+pub mod conntable;
+pub mod event;
+pub mod exposition;
+pub mod probe;

@@ -1,0 +1,320 @@
+//! Probe: resolves kernel layouts, picks hooks, loads and attaches the eBPF programs.
+//!
+//! Links are owned by this process (nothing is pinned): dropping the [`Probe`] detaches every
+//! program, and a crash leaves nothing attached.
+
+pub mod btf;
+pub mod tracefs;
+
+use std::path::PathBuf;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use fanout_common::{Config, KernelOffsets, LostReason};
+
+use self::btf::{Btf, BtfError};
+use self::tracefs::TracefsError;
+
+/// The eBPF object, built by build.rs through aya-build.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fanout"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {0} missing from the object")]
+    NoProgram(&'static str),
+    #[error("eBPF map {0} missing from the object")]
+    NoMap(&'static str),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "this kernel has no sock/inet_sock_set_state tracepoint (needs Linux >= 4.16 with \
+         tracepoints); fanout cannot trace TCP lifecycles here"
+    )]
+    NoLifecycleHook,
+    #[error("invalid option: {0}")]
+    Option(String),
+}
+
+/// Sizes and thresholds of the kernel side.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Ring buffer size in bytes: a power of two, at least one page.
+    pub ring_bytes: u32,
+    /// Capacity of the per-socket state map.
+    pub sock_entries: u32,
+    /// Wake the reader once this many bytes wait in the ring buffer.
+    pub wakeup_bytes: u64,
+    pub btf_path: PathBuf,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            ring_bytes: 8 << 20,
+            sock_entries: 262_144,
+            wakeup_bytes: 256 << 10,
+            btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+        }
+    }
+}
+
+impl ProbeOptions {
+    pub fn validate(&self) -> Result<(), ProbeError> {
+        let page = page_size();
+        if !self.ring_bytes.is_power_of_two() || (self.ring_bytes as u64) < page {
+            return Err(ProbeError::Option(format!(
+                "ring buffer size {} must be a power of two and at least the page size ({page})",
+                self.ring_bytes
+            )));
+        }
+        if self.sock_entries == 0 {
+            return Err(ProbeError::Option("socket map size must be > 0".into()));
+        }
+        if self.wakeup_bytes >= self.ring_bytes as u64 {
+            return Err(ProbeError::Option(format!(
+                "wakeup threshold {} must be below the ring buffer size {}",
+                self.wakeup_bytes, self.ring_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 { v as u64 } else { 4096 }
+}
+
+/// What the kernel offers, probed at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    pub set_state_tracepoint: bool,
+    pub accept_tracepoints: bool,
+}
+
+/// Which hooks run. The lifecycle comes from `sock/inet_sock_set_state` on every supported kernel
+/// (it carries the old and new state, the 4-tuple and the socket, and its connect transition runs
+/// in the caller's context); the owner of accepted sockets comes from the accept syscall exits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookPlan {
+    pub lifecycle: &'static str,
+    pub accept_owner: Option<&'static str>,
+}
+
+impl HookPlan {
+    pub fn choose(caps: Capabilities) -> Result<HookPlan, ProbeError> {
+        if !caps.set_state_tracepoint {
+            return Err(ProbeError::NoLifecycleHook);
+        }
+        Ok(HookPlan {
+            lifecycle: "tracepoint:sock/inet_sock_set_state",
+            accept_owner: caps
+                .accept_tracepoints
+                .then_some("tracepoint:syscalls/sys_exit_accept{,4}"),
+        })
+    }
+
+    /// Short names for logs and `fanout_build_info`-style labels.
+    pub fn describe(&self) -> String {
+        match self.accept_owner {
+            Some(a) => format!("{} + {}", self.lifecycle, a),
+            None => format!("{} (accepted sockets without owner)", self.lifecycle),
+        }
+    }
+}
+
+/// Kernel struct offsets the programs need, from BTF.
+pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
+    Ok(KernelOffsets {
+        sock_net: btf.member_offset("sock", "__sk_common.skc_net.net")?,
+        net_inum: btf.member_offset("net", "ns.inum")?,
+        task_files: btf.member_offset("task_struct", "files")?,
+        files_fdt: btf.member_offset("files_struct", "fdt")?,
+        fdt_max_fds: btf.member_offset("fdtable", "max_fds")?,
+        fdt_fd: btf.member_offset("fdtable", "fd")?,
+        file_private_data: btf.member_offset("file", "private_data")?,
+        socket_sk: btf.member_offset("socket", "sk")?,
+    })
+}
+
+/// The loaded, attached programs. Dropping it detaches everything.
+pub struct Probe {
+    ebpf: Ebpf,
+    lost: PerCpuArray<MapData, u64>,
+    pub plan: HookPlan,
+}
+
+impl Probe {
+    /// Loads and attaches. Returns the probe and the ring buffer to read records from.
+    pub fn load(opts: &ProbeOptions) -> Result<(Probe, RingBuf<MapData>), ProbeError> {
+        opts.validate()?;
+        let root = tracefs::root()?;
+        let caps = Capabilities {
+            set_state_tracepoint: tracefs::exists(&root, "sock", "inet_sock_set_state"),
+            accept_tracepoints: tracefs::exists(&root, "syscalls", "sys_exit_accept4")
+                && tracefs::exists(&root, "syscalls", "sys_exit_accept"),
+        };
+        let plan = HookPlan::choose(caps)?;
+        let btf = Btf::from_file(&opts.btf_path)?;
+        let config = Config {
+            tp: tracefs::layout(&root, plan.accept_owner.is_some())?,
+            offsets: kernel_offsets(&btf)?,
+            wakeup_bytes: opts.wakeup_bytes,
+        };
+        drop(btf);
+        tracing::debug!(?config, "resolved kernel layout");
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("RECORDS", opts.ring_bytes)
+            .map_max_entries("SOCKS", opts.sock_entries)
+            .load(EBPF_OBJECT)?;
+
+        attach(
+            &mut ebpf,
+            "inet_sock_set_state",
+            "sock",
+            "inet_sock_set_state",
+        )?;
+        if plan.accept_owner.is_some() {
+            attach(
+                &mut ebpf,
+                "sys_exit_accept4",
+                "syscalls",
+                "sys_exit_accept4",
+            )?;
+            attach(&mut ebpf, "sys_exit_accept", "syscalls", "sys_exit_accept")?;
+        }
+
+        let ring = ebpf
+            .take_map("RECORDS")
+            .ok_or(ProbeError::NoMap("RECORDS"))?;
+        let ring = RingBuf::try_from(ring).map_err(|source| ProbeError::Map {
+            name: "RECORDS",
+            source,
+        })?;
+        let lost = ebpf.take_map("LOST").ok_or(ProbeError::NoMap("LOST"))?;
+        let lost = PerCpuArray::try_from(lost).map_err(|source| ProbeError::Map {
+            name: "LOST",
+            source,
+        })?;
+        tracing::info!(hooks = %plan.describe(), "eBPF programs attached");
+        Ok((Probe { ebpf, lost, plan }, ring))
+    }
+
+    /// Totals of the kernel's loss counters, summed over CPUs, by reason.
+    pub fn lost(&self) -> Result<Vec<(LostReason, u64)>, ProbeError> {
+        LostReason::ALL
+            .iter()
+            .map(|&reason| {
+                let per_cpu =
+                    self.lost
+                        .get(&(reason as u32), 0)
+                        .map_err(|source| ProbeError::Map {
+                            name: "LOST",
+                            source,
+                        })?;
+                Ok((reason, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Names of the attached programs.
+    pub fn programs(&self) -> Vec<String> {
+        self.ebpf.programs().map(|(n, _)| n.to_string()).collect()
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, name: &'static str, category: &str, tp: &str) -> Result<(), ProbeError> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::NoProgram(name))?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| ProbeError::Program { name, source })?;
+    prog.attach(category, tp)
+        .map_err(|source| ProbeError::Program { name, source })?;
+    Ok(())
+}
+
+/// Where `ip netns` keeps named namespaces (scanned at startup besides /proc).
+pub fn default_netns_dirs() -> Vec<PathBuf> {
+    ["/run/netns", "/var/run/netns"]
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn plan_requires_the_lifecycle_tracepoint() {
+        let none = Capabilities {
+            set_state_tracepoint: false,
+            accept_tracepoints: true,
+        };
+        assert!(matches!(
+            HookPlan::choose(none),
+            Err(ProbeError::NoLifecycleHook)
+        ));
+        let no_accept = Capabilities {
+            set_state_tracepoint: true,
+            accept_tracepoints: false,
+        };
+        let plan = HookPlan::choose(no_accept).unwrap();
+        assert_eq!(plan.accept_owner, None);
+        assert!(plan.describe().contains("without owner"));
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let ok = ProbeOptions::default();
+        ok.validate().unwrap();
+        let bad = ProbeOptions {
+            ring_bytes: 3 << 20,
+            ..ProbeOptions::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = ProbeOptions {
+            wakeup_bytes: 16 << 20,
+            ..ProbeOptions::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = ProbeOptions {
+            sock_entries: 0,
+            ..ProbeOptions::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn this_kernels_offsets_resolve() {
+        let btf = Btf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
+        let off = kernel_offsets(&btf).unwrap();
+        assert!(off.sock_net > 0);
+        assert_eq!(off.socket_sk % 8, 0);
+    }
+}

@@ -1,0 +1,310 @@
+//! fanout's kernel side: the TCP lifecycle tracer.
+//!
+//! * `sock/inet_sock_set_state` turns state transitions into lifecycle records (connect,
+//!   established, passive open, failed connect, close) and remembers per-socket owner and start
+//!   time in `SOCKS`.
+//! * `syscalls/sys_exit_accept{,4}` runs in the accepting task's context, finds the returned
+//!   socket through the task's file table and records the owner of a passively opened socket.
+//!
+//! Every layout the programs read (tracepoint fields, kernel struct members) comes from `CONFIG`,
+//! which the daemon fills from tracefs and BTF at load time.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use fanout_common::{
+    Config, LostReason, Record, RecordKind, SockState,
+    tcp::{AF_INET, AF_INET6, IPPROTO_TCP, classify},
+};
+
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// Filled by the daemon before load (read-only data section).
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config::zeroed();
+
+/// Lifecycle records for user space. The daemon sets the real size at load time.
+#[map]
+static RECORDS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Socket address → owner and start time, from connect/passive open until close.
+#[map]
+static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, 0);
+
+/// Per-CPU loss counters, indexed by `LostReason`.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LostReason::COUNT, 0);
+
+#[inline(always)]
+fn config() -> Config {
+    // SAFETY: CONFIG is a plain global; the volatile read keeps the compiler from folding the
+    // zeroed initialiser the loader overwrites.
+    unsafe { core::ptr::read_volatile(&CONFIG) }
+}
+
+#[inline(always)]
+fn count_lost(reason: LostReason) {
+    if let Some(counter) = LOST.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn emit(rec: &Record, wakeup_bytes: u64) {
+    let flags = if RECORDS.query(BPF_RB_AVAIL_DATA) >= wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    match RECORDS.reserve::<Record>(0) {
+        Some(mut entry) => {
+            entry.write(*rec);
+            entry.submit(flags);
+        }
+        None => count_lost(LostReason::RingFull),
+    }
+}
+
+/// Owner fields from the current task (only meaningful in process context).
+#[inline(always)]
+fn current_owner(rec: &mut Record) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    rec.tgid = (pid_tgid >> 32) as u32;
+    rec.tid = pid_tgid as u32;
+    rec.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    rec.flags |= Record::FLAG_OWNER_KNOWN;
+}
+
+#[inline(always)]
+fn owner_from_state(rec: &mut Record, st: &SockState) {
+    if st.flags & Record::FLAG_OWNER_KNOWN as u32 != 0 {
+        rec.tgid = st.tgid;
+        rec.tid = st.tid;
+        rec.comm = st.comm;
+        rec.flags |= Record::FLAG_OWNER_KNOWN;
+    }
+}
+
+/// `sk->__sk_common.skc_net.net->ns.inum`
+#[inline(always)]
+fn netns_of(sk: u64, cfg: &Config) -> u32 {
+    // SAFETY: bpf_probe_read_kernel tolerates bad addresses and reports an error instead.
+    let net: Result<u64, i32> =
+        unsafe { bpf_probe_read_kernel((sk + cfg.offsets.sock_net as u64) as *const u64) };
+    let inum = match net {
+        Ok(net) if net != 0 => unsafe {
+            bpf_probe_read_kernel((net + cfg.offsets.net_inum as u64) as *const u32)
+        },
+        _ => Err(-1),
+    };
+    match inum {
+        Ok(v) => v,
+        Err(_) => {
+            count_lost(LostReason::KernelRead);
+            0
+        }
+    }
+}
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    // Errors here are failed reads of the tracepoint record itself; there is nothing to report.
+    let _ = try_set_state(&ctx);
+    0
+}
+
+fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let cfg = config();
+    let tp = cfg.tp;
+    // SAFETY (all read_at calls): offsets come from the tracepoint's own format file.
+    let protocol: u16 = unsafe { ctx.read_at(tp.protocol as usize)? };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let oldstate: i32 = unsafe { ctx.read_at(tp.oldstate as usize)? };
+    let newstate: i32 = unsafe { ctx.read_at(tp.newstate as usize)? };
+    let Some(kind) = classify(oldstate, newstate) else {
+        return Ok(());
+    };
+    let sk: u64 = unsafe { ctx.read_at(tp.skaddr as usize)? };
+    let family: u16 = unsafe { ctx.read_at(tp.family as usize)? };
+
+    let mut rec = Record::zeroed();
+    rec.ts_ns = unsafe { bpf_ktime_get_ns() };
+    rec.sock = sk;
+    rec.kind = kind as u8;
+    rec.sport = unsafe { ctx.read_at(tp.sport as usize)? };
+    rec.dport = unsafe { ctx.read_at(tp.dport as usize)? };
+    if family == AF_INET {
+        rec.ip_version = 4;
+        let s: [u8; 4] = unsafe { ctx.read_at(tp.saddr as usize)? };
+        let d: [u8; 4] = unsafe { ctx.read_at(tp.daddr as usize)? };
+        rec.saddr[..4].copy_from_slice(&s);
+        rec.daddr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        rec.ip_version = 6;
+        rec.saddr = unsafe { ctx.read_at(tp.saddr_v6 as usize)? };
+        rec.daddr = unsafe { ctx.read_at(tp.daddr_v6 as usize)? };
+    } else {
+        return Ok(());
+    }
+    rec.netns = netns_of(sk, &cfg);
+
+    match kind {
+        RecordKind::Connect => {
+            // Process context: the connecting task owns the socket.
+            current_owner(&mut rec);
+            let st = SockState {
+                start_ns: 0,
+                tgid: rec.tgid,
+                tid: rec.tid,
+                comm: rec.comm,
+                flags: Record::FLAG_OWNER_KNOWN as u32,
+                _pad: 0,
+            };
+            if SOCKS.insert(sk, st, 0).is_err() {
+                count_lost(LostReason::SockMapFull);
+            }
+        }
+        RecordKind::Established => match SOCKS.get_ptr_mut(sk) {
+            Some(st) => {
+                // SAFETY: map value pointer from a successful lookup.
+                let st = unsafe { &mut *st };
+                st.start_ns = rec.ts_ns;
+                owner_from_state(&mut rec, st);
+            }
+            None => {
+                let st = SockState {
+                    start_ns: rec.ts_ns,
+                    tgid: 0,
+                    tid: 0,
+                    comm: [0; 16],
+                    flags: 0,
+                    _pad: 0,
+                };
+                if SOCKS.insert(sk, st, 0).is_err() {
+                    count_lost(LostReason::SockMapFull);
+                }
+            }
+        },
+        RecordKind::PassiveOpen => {
+            // Usually softirq context: the current task is not the owner. accept() tells.
+            let st = SockState {
+                start_ns: rec.ts_ns,
+                tgid: 0,
+                tid: 0,
+                comm: [0; 16],
+                flags: 0,
+                _pad: 0,
+            };
+            if SOCKS.insert(sk, st, 0).is_err() {
+                count_lost(LostReason::SockMapFull);
+            }
+        }
+        RecordKind::ConnectFailed | RecordKind::Close => {
+            if let Some(st) = SOCKS.get_ptr(sk) {
+                // SAFETY: map value pointer from a successful lookup; copied before removal.
+                let st = unsafe { *st };
+                owner_from_state(&mut rec, &st);
+                if st.start_ns != 0 && rec.ts_ns >= st.start_ns {
+                    rec.duration_ns = rec.ts_ns - st.start_ns;
+                    rec.flags |= Record::FLAG_START_KNOWN;
+                }
+                let _ = SOCKS.remove(sk);
+            }
+        }
+        RecordKind::Accepted => {}
+    }
+    emit(&rec, cfg.wakeup_bytes);
+    Ok(())
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    let _ = try_accept_exit(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    let _ = try_accept_exit(&ctx);
+    0
+}
+
+/// Reads `*(base + off)` as a kernel pointer-sized value.
+#[inline(always)]
+fn read_u64(base: u64, off: u32) -> Result<u64, i32> {
+    // SAFETY: bpf_probe_read_kernel tolerates bad addresses and reports an error instead.
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const u64) }
+}
+
+fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i32> {
+    let cfg = config();
+    let ret: i64 = unsafe { ctx.read_at(cfg.tp.accept_ret as usize)? };
+    if ret < 0 {
+        return Ok(());
+    }
+    let fd = ret as u64;
+    let off = cfg.offsets;
+    // current->files->fdt->fd[fd]->private_data->sk
+    let sk = (|| {
+        let task = unsafe { bpf_get_current_task() };
+        let files = read_u64(task, off.task_files)?;
+        let fdt = read_u64(files, off.files_fdt)?;
+        let max_fds: u32 =
+            unsafe { bpf_probe_read_kernel((fdt + off.fdt_max_fds as u64) as *const u32)? };
+        if fd >= max_fds as u64 {
+            return Err(-1);
+        }
+        let fd_array = read_u64(fdt, off.fdt_fd)?;
+        let file = read_u64(fd_array + fd * 8, 0)?;
+        let socket = read_u64(file, off.file_private_data)?;
+        read_u64(socket, off.socket_sk)
+    })();
+    let sk = match sk {
+        Ok(sk) => sk,
+        Err(e) => {
+            count_lost(LostReason::KernelRead);
+            return Err(e);
+        }
+    };
+    // Only sockets whose passive open we saw; anything else predates the tracer.
+    let Some(st) = SOCKS.get_ptr_mut(sk) else {
+        return Ok(());
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let st = unsafe { &mut *st };
+    let mut rec = Record::zeroed();
+    rec.ts_ns = unsafe { bpf_ktime_get_ns() };
+    rec.sock = sk;
+    rec.kind = RecordKind::Accepted as u8;
+    current_owner(&mut rec);
+    st.tgid = rec.tgid;
+    st.tid = rec.tid;
+    st.comm = rec.comm;
+    st.flags |= Record::FLAG_OWNER_KNOWN as u32;
+    rec.netns = netns_of(sk, &cfg);
+    emit(&rec, cfg.wakeup_bytes);
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

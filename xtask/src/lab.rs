@@ -1,0 +1,400 @@
+//! Network-namespace lab: N "pods" (network namespaces) joined by veth pairs to a bridge inside a
+//! lab "node" namespace. Addresses exist only inside the lab's namespaces (10.244.0.0/24 and
+//! fd00:244::/64), so lab traffic never leaves them.
+//!
+//! Every lab gets a unique name prefix (`fo<pid>x<n>`). Dropping the [`Lab`] deletes its namespaces
+//! (also on panic unwinding); a lab whose creating process died without cleaning up (SIGKILL) is
+//! swept by the next [`Lab::new`] or by `cargo xtask lab clean`.
+
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::Path,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+/// Every lab namespace name starts with this.
+pub const PREFIX: &str = "fo";
+const NETNS_DIR: &str = "/run/netns";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("`{cmd}` failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("cannot run `{cmd}`: {source} (is iproute2 installed? run `cargo xtask setup`)")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("network namespace {name}: {source}")]
+    Netns {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("lab thread panicked")]
+    Panicked,
+}
+
+/// One pod: a network namespace with `eth0` on the lab bridge.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    /// Network namespace name (under /run/netns).
+    pub netns: String,
+    /// Inode of the network namespace: what the kernel reports as the socket's netns.
+    pub netns_inode: u32,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+pub struct Lab {
+    pub prefix: String,
+    /// The node namespace holding the bridge.
+    pub node: String,
+    pub node_inode: u32,
+    pub pods: Vec<Pod>,
+    namespaces: Vec<String>,
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<String, LabError> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|source| LabError::Spawn {
+            cmd: cmd.to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            cmd: format!("{cmd} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<(), LabError> {
+    run("ip", args).map(|_| ())
+}
+
+/// Inode of a named network namespace.
+pub fn netns_inode(name: &str) -> Result<u32, LabError> {
+    let path = Path::new(NETNS_DIR).join(name);
+    std::fs::metadata(&path)
+        .map(|m| m.ino() as u32)
+        .map_err(|source| LabError::Netns {
+            name: name.to_string(),
+            source,
+        })
+}
+
+/// Pid encoded in a lab prefix `fo<pid>x<n>`.
+fn owner_pid(ns: &str) -> Option<u32> {
+    let rest = ns.strip_prefix(PREFIX)?;
+    let (pid, _) = rest.split_once('x')?;
+    pid.parse().ok()
+}
+
+/// Deletes lab namespaces whose creating process is gone (or all lab namespaces with `all`).
+/// Returns the names deleted.
+pub fn sweep(all: bool) -> Vec<String> {
+    let Ok(out) = run("ip", &["netns", "list"]) else {
+        return Vec::new();
+    };
+    let mut deleted = Vec::new();
+    for line in out.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(pid) = owner_pid(name) else { continue };
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        if (all || !alive) && ip(&["netns", "del", name]).is_ok() {
+            deleted.push(name.to_string());
+        }
+    }
+    deleted
+}
+
+static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    /// Creates a lab with `pods` pod namespaces. Pod `i` gets 10.244.0.(i+2)/24 and
+    /// fd00:244::(i+2)/64.
+    pub fn new(pods: usize) -> Result<Lab, LabError> {
+        sweep(false);
+        let prefix = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            LAB_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let node = format!("{prefix}-node");
+        let mut lab = Lab {
+            prefix: prefix.clone(),
+            node: node.clone(),
+            node_inode: 0,
+            pods: Vec::new(),
+            namespaces: Vec::new(),
+        };
+        // From here on, Drop cleans up whatever was created if a step fails.
+        ip(&["netns", "add", &node])?;
+        lab.namespaces.push(node.clone());
+        lab.node_inode = netns_inode(&node)?;
+        ip(&["-n", &node, "link", "set", "lo", "up"])?;
+        ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &node, "link", "set", "br0", "up"])?;
+        for i in 0..pods {
+            let name = format!("pod{i}");
+            let netns = format!("{prefix}-{name}");
+            ip(&["netns", "add", &netns])?;
+            lab.namespaces.push(netns.clone());
+            let host_end = format!("veth{i}");
+            ip(&[
+                "-n", &node, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0",
+                "netns", &netns,
+            ])?;
+            ip(&["-n", &node, "link", "set", &host_end, "master", "br0", "up"])?;
+            let last = u8::try_from(i + 2).map_err(|_| LabError::Command {
+                cmd: "lab".into(),
+                stderr: "at most 250 pods".into(),
+            })?;
+            let ipv4 = Ipv4Addr::new(10, 244, 0, last);
+            let ipv6 = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, u16::from(last));
+            ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{ipv4}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{ipv6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+            lab.pods.push(Pod {
+                name,
+                netns_inode: netns_inode(&netns)?,
+                netns,
+                ipv4,
+                ipv6,
+            });
+        }
+        Ok(lab)
+    }
+
+    pub fn pod(&self, i: usize) -> &Pod {
+        &self.pods[i]
+    }
+
+    /// Runs a command inside the node namespace (e.g. iptables rules that mimic kube-proxy).
+    pub fn node_exec(&self, cmd: &str, args: &[&str]) -> Result<String, LabError> {
+        let mut full = vec!["netns", "exec", &self.node, cmd];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Deletes every namespace of the lab. Idempotent.
+    pub fn teardown(&mut self) {
+        for ns in self.namespaces.drain(..).rev() {
+            if let Err(e) = ip(&["netns", "del", &ns]) {
+                eprintln!("lab teardown: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Moves the calling thread into network namespace `netns`.
+fn enter(netns: &str) -> Result<(), LabError> {
+    let err = |source| LabError::Netns {
+        name: netns.to_string(),
+        source,
+    };
+    let f = File::open(Path::new(NETNS_DIR).join(netns)).map_err(err)?;
+    // SAFETY: valid namespace fd; only the calling thread changes namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl Pod {
+    /// Runs `f` on a thread inside this pod's network namespace and waits for it.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, LabError> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                enter(&self.netns)?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| LabError::Panicked)?
+        })
+    }
+
+    /// Starts `f` on a thread inside this pod's network namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<Result<T, LabError>> {
+        let netns = self.netns.clone();
+        std::thread::spawn(move || {
+            enter(&netns)?;
+            Ok(f())
+        })
+    }
+
+    pub fn addr(&self, v6: bool, port: u16) -> SocketAddr {
+        if v6 {
+            SocketAddr::new(self.ipv6.into(), port)
+        } else {
+            SocketAddr::new(self.ipv4.into(), port)
+        }
+    }
+}
+
+/// A TCP server in a pod: accepts, reads until EOF, echoes a byte, closes. Stops when dropped.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU32>,
+    thread: Option<JoinHandle<Result<(), LabError>>>,
+}
+
+impl EchoServer {
+    /// Listens on `addr` inside `pod` (use port 0 for any) and serves at most `max_conns`
+    /// connections or until `deadline` passes.
+    pub fn start(
+        pod: &Pod,
+        addr: SocketAddr,
+        max_conns: u32,
+        deadline: Duration,
+    ) -> Result<EchoServer, LabError> {
+        let listener = pod.run(move || TcpListener::bind(addr))?;
+        let listener = listener.map_err(|source| LabError::Netns {
+            name: pod.netns.clone(),
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| LabError::Netns {
+            name: pod.netns.clone(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| LabError::Netns {
+                name: pod.netns.clone(),
+                source,
+            })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU32::new(0));
+        let (stop2, accepted2) = (stop.clone(), accepted.clone());
+        // Accepting needs no namespace switch: the listener already belongs to the pod.
+        let thread = std::thread::spawn(move || {
+            let end = Instant::now() + deadline;
+            while !stop2.load(Ordering::Relaxed)
+                && Instant::now() < end
+                && accepted2.load(Ordering::Relaxed) < max_conns
+            {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        accepted2.fetch_add(1, Ordering::Relaxed);
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                        let mut buf = [0u8; 64];
+                        while let Ok(n) = s.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            let _ = s.write_all(&buf[..1]);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+            Ok(())
+        });
+        Ok(EchoServer {
+            addr,
+            stop,
+            accepted,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn accepted(&self) -> u32 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Opens `count` connections from `pod` to `to`, one at a time: connect, send a byte, read the
+/// echo, close. Returns the local address of each connection. Bounded by `deadline`.
+pub fn connect_many(
+    pod: &Pod,
+    to: SocketAddr,
+    count: usize,
+    deadline: Duration,
+) -> Result<Vec<SocketAddr>, LabError> {
+    pod.run(move || {
+        let end = Instant::now() + deadline;
+        let mut locals = Vec::with_capacity(count);
+        for _ in 0..count {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let Ok(mut s) = TcpStream::connect_timeout(&to, left) else {
+                continue;
+            };
+            let Ok(local) = s.local_addr() else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(b"x");
+            let mut b = [0u8; 1];
+            let _ = s.read(&mut b);
+            let _ = s.shutdown(Shutdown::Write);
+            let _ = s.read(&mut b);
+            locals.push(local);
+        }
+        locals
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_encodes_owner_pid() {
+        assert_eq!(owner_pid("fo1234x0-pod1"), Some(1234));
+        assert_eq!(owner_pid("fo1234x17-node"), Some(1234));
+        assert_eq!(owner_pid("cni-1234"), None);
+        assert_eq!(owner_pid("foo-x"), None);
+    }
+}

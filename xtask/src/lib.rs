@@ -1,0 +1,2 @@
+//! Developer tasks for fanout, and the network-namespace lab shared by the demo and the root tests.
+pub mod lab;
