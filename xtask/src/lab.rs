@@ -304,31 +304,27 @@ impl EchoServer {
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU32::new(0));
         let (stop2, accepted2) = (stop.clone(), accepted.clone());
-        // Accepting needs no namespace switch: the listener already belongs to the pod.
+        // Accepting needs no namespace switch: the listener already belongs to the pod. Each
+        // connection gets its own thread so that long-lived ones do not hold up the rest.
         let thread = std::thread::spawn(move || {
             let end = Instant::now() + deadline;
+            let mut conns = Vec::new();
             while !stop2.load(Ordering::Relaxed)
                 && Instant::now() < end
                 && accepted2.load(Ordering::Relaxed) < max_conns
             {
                 match listener.accept() {
-                    Ok((mut s, _)) => {
+                    Ok((s, _)) => {
                         accepted2.fetch_add(1, Ordering::Relaxed);
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                        let mut buf = [0u8; 64];
-                        while let Ok(n) = s.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
-                            let _ = s.write_all(&buf[..1]);
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2));
+                        let stop3 = stop2.clone();
+                        conns.push(std::thread::spawn(move || echo(s, &stop3, end)));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
+                conns.retain(|t: &JoinHandle<()>| !t.is_finished());
+            }
+            for t in conns {
+                let _ = t.join();
             }
             Ok(())
         });
@@ -350,6 +346,27 @@ impl Drop for EchoServer {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Echoes the first byte of every read until EOF, `stop`, or `end`.
+fn echo(mut s: TcpStream, stop: &AtomicBool, end: Instant) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = [0u8; 64];
+    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                let _ = s.write_all(&buf[..n.min(1)]);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
         }
     }
 }

@@ -1,2 +1,4 @@
 //! Developer tasks for fanout, and the network-namespace lab shared by the demo and the root tests.
+pub mod http;
 pub mod lab;
+pub mod setup;

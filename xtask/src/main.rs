@@ -1,1 +1,307 @@
-fn main() {}
+//! `cargo xtask <task>`: setup, test, demo, lab.
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use xtask::{
+    http,
+    lab::{self, EchoServer, Lab},
+    setup,
+};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "fanout developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing needs (idempotent; quick when done).
+    Setup,
+    /// Setup, then formatting, clippy and every test (root lab tests included).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, start a lab of pod namespaces with traffic, run the daemon and show what it
+    /// sees.
+    Demo {
+        /// Keep refreshing the view for this many seconds (Ctrl-C stops early).
+        #[arg(long, default_value_t = 0)]
+        watch: u64,
+    },
+    /// Lab maintenance.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Delete every lab namespace (also those of runs that are still going).
+    Clean,
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let ok = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?
+        .success();
+    if !ok {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => {
+            setup::run()?;
+            cargo(&["fmt", "--all", "--", "--check"])?;
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            let mut test = vec!["test"];
+            test.extend(args.iter().map(String::as_str));
+            cargo(&test)
+        }
+        Task::Demo { watch } => {
+            setup::run()?;
+            demo(Duration::from_secs(watch))
+        }
+        Task::Lab { cmd: LabCmd::Clean } => {
+            for ns in lab::sweep(true) {
+                println!("deleted {ns}");
+            }
+            Ok(())
+        }
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+/// The daemon as a child process; SIGTERM and wait on drop.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Daemon {
+    fn start(log: &std::path::Path) -> Result<Daemon> {
+        let bin = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"))
+            .join("debug/fanout");
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = Command::new(&bin)
+            .args(["run", "--listen", &addr.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut d = Daemon { child, addr };
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = http::get(addr, "/healthz") {
+                return Ok(d);
+            }
+            if let Some(st) = d.child.try_wait()? {
+                bail!("fanout exited with {st} (log: {})", log.display());
+            }
+            if Instant::now() > end {
+                bail!("fanout not healthy after 30s (log: {})", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn demo(watch: Duration) -> Result<()> {
+    // SAFETY: installs an async-signal-safe handler that only stores to an atomic.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    println!("== building fanout (eBPF programs embedded)");
+    cargo(&["build", "--package", "fanout"])?;
+
+    println!("== creating a lab: pod0 = client, pod1..pod3 = backends");
+    let lab = Lab::new(4)?;
+    let names: HashMap<u32, String> = lab
+        .pods
+        .iter()
+        .map(|p| (p.netns_inode, p.name.clone()))
+        .collect();
+    let by_ip: HashMap<std::net::IpAddr, String> = lab
+        .pods
+        .iter()
+        .flat_map(|p| {
+            [
+                (p.ipv4.into(), p.name.clone()),
+                (p.ipv6.into(), p.name.clone()),
+            ]
+        })
+        .collect();
+    let client = lab.pod(0).clone();
+    let mut servers = Vec::new();
+    for i in 1..=3 {
+        let pod = lab.pod(i);
+        servers.push(EchoServer::start(
+            pod,
+            pod.addr(false, 8080),
+            10_000,
+            watch + Duration::from_secs(120),
+        )?);
+        servers.push(EchoServer::start(
+            pod,
+            pod.addr(true, 8081),
+            10_000,
+            watch + Duration::from_secs(120),
+        )?);
+    }
+
+    // One connection that predates the daemon: it must be recovered at startup.
+    let backend1 = lab.pod(1).addr(false, 8080);
+    let early = client.run(move || TcpStream::connect(backend1))??;
+
+    let log = workspace_root().join("target/demo-fanout.log");
+    println!("== starting the daemon (log: {})", log.display());
+    let daemon = Daemon::start(&log)?;
+    println!("   serving http://{}/metrics and /connections", daemon.addr);
+
+    println!("== traffic: long-lived connections to every backend, short ones, a refused one");
+    let mut held = vec![early];
+    for i in 1..=3 {
+        let to = lab.pod(i).addr(i == 3, if i == 3 { 8081 } else { 8080 });
+        held.push(client.run(move || TcpStream::connect(to))??);
+    }
+    let short = lab::connect_many(
+        &client,
+        lab.pod(2).addr(false, 8080),
+        20,
+        Duration::from_secs(20),
+    )?;
+    let refused = lab.pod(3).addr(false, 9);
+    let _ = client.run(move || TcpStream::connect_timeout(&refused, Duration::from_secs(2)))?;
+    println!("   {} short connections opened and closed", short.len());
+
+    let end = Instant::now() + watch;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        show(&daemon, &names, &by_ip)?;
+        if interrupted() || Instant::now() >= end {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    drop(held);
+    drop(daemon);
+    drop(servers);
+    println!("== done: daemon stopped (programs detached), lab removed");
+    Ok(())
+}
+
+fn show(
+    daemon: &Daemon,
+    names: &HashMap<u32, String>,
+    by_ip: &HashMap<std::net::IpAddr, String>,
+) -> Result<()> {
+    let (code, body) = http::get(daemon.addr, "/connections")?;
+    if code != 200 {
+        bail!("/connections answered {code}: {body}");
+    }
+    let conns: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+    println!();
+    println!(
+        "{:<6} {:<9} {:<22} {:<22} {:<6} {:<10} {:<16} {:>7}",
+        "POD", "DIR", "LOCAL", "REMOTE", "PEER", "ORIGIN", "OWNER", "AGE(s)"
+    );
+    let mut shown = 0;
+    for c in &conns {
+        let Some(pod) = c["netns"].as_u64().and_then(|n| names.get(&(n as u32))) else {
+            continue; // not a lab pod: the rest of the machine
+        };
+        let remote = c["remote"].as_str().unwrap_or("?");
+        let peer = remote
+            .parse::<SocketAddr>()
+            .ok()
+            .and_then(|a| by_ip.get(&a.ip()))
+            .map(String::as_str)
+            .unwrap_or("-");
+        let owner = match &c["owner"] {
+            serde_json::Value::Null => "-".to_string(),
+            o => format!("{}/{}", o["comm"].as_str().unwrap_or("?"), o["pid"]),
+        };
+        let age = c["age_seconds"]
+            .as_f64()
+            .map(|a| format!("{a:.1}"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<6} {:<9} {:<22} {:<22} {:<6} {:<10} {:<16} {:>7}",
+            pod,
+            c["direction"].as_str().unwrap_or("?"),
+            c["local"].as_str().unwrap_or("?"),
+            remote,
+            peer,
+            c["origin"].as_str().unwrap_or("?"),
+            owner,
+            age
+        );
+        shown += 1;
+    }
+    println!(
+        "{shown} live lab connections ({} on the whole machine)",
+        conns.len()
+    );
+    let (_, metrics) = http::get(daemon.addr, "/metrics")?;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("fanout_connections_")
+            || l.starts_with("fanout_connect_failed")
+            || l.starts_with("fanout_events_lost")
+    }) {
+        println!("   {line}");
+    }
+    Ok(())
+}
