@@ -140,6 +140,7 @@ pub struct Agent {
 impl Agent {
     /// Attaches the probes, starts reading, recovers pre-existing connections and serves HTTP.
     pub async fn start(opts: AgentOptions) -> Result<Agent, AgentError> {
+        opts.probe.validate()?;
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
             .map_err(|source| AgentError::Listen {

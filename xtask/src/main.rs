@@ -62,14 +62,19 @@ fn workspace_root() -> PathBuf {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
-    let ok = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(&cargo, args)
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let ok = Command::new(program)
         .args(args)
         .current_dir(workspace_root())
         .status()
-        .with_context(|| format!("running cargo {}", args.join(" ")))?
+        .with_context(|| format!("running {program} {}", args.join(" ")))?
         .success();
     if !ok {
-        bail!("cargo {} failed", args.join(" "));
+        bail!("{program} {} failed", args.join(" "));
     }
     Ok(())
 }
@@ -81,6 +86,25 @@ fn main() -> Result<()> {
             setup::run()?;
             cargo(&["fmt", "--all", "--", "--check"])?;
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            // The eBPF crate only builds for the BPF target.
+            run(
+                "rustup",
+                &[
+                    "run",
+                    "nightly",
+                    "cargo",
+                    "clippy",
+                    "--package",
+                    "fanout-ebpf",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )?;
             let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
             cargo(&test)

@@ -260,7 +260,7 @@ impl Btf {
                 .map(|(_, th)| self.name(th.name_off).to_string())
                 .unwrap_or_default();
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::Bitfield(format!("{strukt}.{path}")));
         }
         Ok(bits / 8)

@@ -1,0 +1,326 @@
+//! Root tests against the real kernel, in a network-namespace lab. Each test makes its own lab
+//! (unique prefix, torn down on every exit path) and its own agent, and looks only at its lab's
+//! namespaces: the machine has unrelated TCP traffic.
+//!
+//! These tests never skip: without root or a needed kernel feature they fail and say what is
+//! missing.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use fanout::{
+    agent::{Agent, AgentOptions},
+    conntable::{Direction, Origin},
+    event::Event,
+};
+use fanout_common::RecordKind;
+use tokio::sync::broadcast;
+use xtask::lab::{self, EchoServer, Lab};
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the lab tests load eBPF programs and create network namespaces: run them as root \
+         (cargo xtask test)"
+    );
+    assert!(
+        std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+        "kernel BTF (/sys/kernel/btf/vmlinux) is missing: fanout needs CONFIG_DEBUG_INFO_BTF"
+    );
+}
+
+async fn start_agent() -> Agent {
+    let opts = AgentOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        poll_interval: Duration::from_millis(20),
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start(opts).await.expect("agent starts");
+    tokio::time::timeout(Duration::from_secs(30), agent.ready())
+        .await
+        .expect("startup recovery finishes");
+    agent
+}
+
+/// Collects events of the given namespaces until `done` says so or `limit` passes, then keeps
+/// listening for `settle` more to catch anything extra.
+async fn collect(
+    rx: &mut broadcast::Receiver<Event>,
+    netns: &[u32],
+    limit: Duration,
+    settle: Duration,
+    done: impl Fn(&[Event]) -> bool,
+) -> Vec<Event> {
+    let mut out = Vec::new();
+    let mut deadline = Instant::now() + limit;
+    let mut settled = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Ok(ev)) => {
+                if netns.contains(&ev.netns) {
+                    out.push(ev);
+                }
+            }
+            Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                panic!("test receiver lagged and lost {n} events")
+            }
+            Ok(Err(broadcast::error::RecvError::Closed)) => panic!("agent stopped"),
+            Err(_) => return out,
+        }
+        if !settled && done(&out) {
+            settled = true;
+            deadline = Instant::now() + settle;
+        }
+    }
+}
+
+fn count(events: &[Event], kind: RecordKind, netns: u32) -> usize {
+    events
+        .iter()
+        .filter(|e| e.kind == kind && e.netns == netns)
+        .count()
+}
+
+fn assert_no_losses(agent: &Agent) {
+    let text = agent.shared().metrics.encode().expect("metrics encode");
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("fanout_events_lost_total"))
+    {
+        assert!(line.ends_with(" 0"), "records were lost: {line}");
+    }
+}
+
+/// K connections from pod0 to pod1: exactly K of each lifecycle step on each side, with the
+/// right namespaces, 4-tuples and owners, and nothing lost.
+async fn k_connections(v6: bool, k: usize) {
+    require_root();
+    let lab = Lab::new(2).expect("lab");
+    let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
+    let server = EchoServer::start(
+        &server_pod,
+        server_pod.addr(v6, 0),
+        k as u32,
+        Duration::from_secs(60),
+    )
+    .expect("server");
+    let agent = start_agent().await;
+    let mut rx = agent.subscribe();
+    let to = server.addr;
+    let locals = tokio::task::spawn_blocking(move || {
+        lab::connect_many(&client, to, k, Duration::from_secs(60))
+    })
+    .await
+    .expect("join")
+    .expect("connections");
+    assert_eq!(locals.len(), k, "the lab opened all {k} connections");
+
+    let (cn, sn) = (lab.pod(0).netns_inode, lab.pod(1).netns_inode);
+    let events = collect(
+        &mut rx,
+        &[cn, sn],
+        Duration::from_secs(20),
+        Duration::from_millis(500),
+        |ev| count(ev, RecordKind::Close, cn) >= k && count(ev, RecordKind::Close, sn) >= k,
+    )
+    .await;
+
+    // Client side: connect, established, close; server side: passive open, accepted, close.
+    for (kind, ns, want) in [
+        (RecordKind::Connect, cn, k),
+        (RecordKind::Established, cn, k),
+        (RecordKind::Close, cn, k),
+        (RecordKind::ConnectFailed, cn, 0),
+        (RecordKind::PassiveOpen, sn, k),
+        (RecordKind::Accepted, sn, k),
+        (RecordKind::Close, sn, k),
+        (RecordKind::PassiveOpen, cn, 0),
+        (RecordKind::Established, sn, 0),
+    ] {
+        assert_eq!(count(&events, kind, ns), want, "{kind:?} in netns {ns}");
+    }
+
+    let want_locals: BTreeSet<SocketAddr> = locals.iter().copied().collect();
+    let established: BTreeSet<SocketAddr> = events
+        .iter()
+        .filter(|e| e.kind == RecordKind::Established)
+        .map(|e| {
+            assert_eq!(e.remote, to, "client remote is the server");
+            e.local
+        })
+        .collect();
+    assert_eq!(established, want_locals, "client 4-tuples");
+    let accepted_remotes: BTreeSet<SocketAddr> = events
+        .iter()
+        .filter(|e| e.kind == RecordKind::PassiveOpen)
+        .map(|e| {
+            assert_eq!(e.local, to, "server local is the listening address");
+            e.remote
+        })
+        .collect();
+    assert_eq!(accepted_remotes, want_locals, "server 4-tuples");
+
+    let me = std::process::id();
+    for e in events.iter().filter(|e| {
+        matches!(
+            e.kind,
+            RecordKind::Connect | RecordKind::Established | RecordKind::Accepted
+        ) || (e.kind == RecordKind::Close)
+    }) {
+        let owner = e
+            .owner
+            .as_ref()
+            .unwrap_or_else(|| panic!("no owner: {e:?}"));
+        assert_eq!(owner.pid, me, "owner of {e:?}");
+    }
+    for e in events.iter().filter(|e| e.kind == RecordKind::Close) {
+        let d = e
+            .duration
+            .unwrap_or_else(|| panic!("close without duration: {e:?}"));
+        assert!(d < Duration::from_secs(60), "{d:?}");
+    }
+
+    let left = agent.shared().with_table(|t| {
+        t.iter()
+            .filter(|c| c.key.netns == cn || c.key.netns == sn)
+            .count()
+    });
+    assert_eq!(left, 0, "every closed connection left the table");
+    assert_no_losses(&agent);
+    agent.shutdown().await.expect("clean shutdown");
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_ipv4_connections_are_reported_exactly() {
+    k_connections(false, 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_ipv6_connections_are_reported_exactly() {
+    k_connections(true, 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_opened_before_start_is_recovered_and_its_close_seen() {
+    require_root();
+    let lab = Lab::new(2).expect("lab");
+    let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
+    let server = EchoServer::start(
+        &server_pod,
+        server_pod.addr(false, 0),
+        4,
+        Duration::from_secs(60),
+    )
+    .expect("server");
+    let to = server.addr;
+    let early = client
+        .run(move || TcpStream::connect(to))
+        .expect("lab")
+        .expect("connect");
+    let local = early.local_addr().expect("local addr");
+
+    let agent = start_agent().await;
+    let (cn, sn) = (lab.pod(0).netns_inode, lab.pod(1).netns_inode);
+    let conns: HashMap<(u32, SocketAddr), _> = agent.shared().with_table(|t| {
+        t.iter()
+            .filter(|c| c.key.netns == cn || c.key.netns == sn)
+            .map(|c| ((c.key.netns, c.key.local), c.clone()))
+            .collect()
+    });
+    assert_eq!(conns.len(), 2, "both ends recovered: {conns:?}");
+    let out = &conns[&(cn, local)];
+    assert_eq!(
+        (out.key.remote, out.direction, out.origin),
+        (to, Direction::Outbound, Origin::Recovered)
+    );
+    assert_eq!(
+        out.owner.as_ref().map(|o| o.pid),
+        Some(std::process::id()),
+        "owner found through /proc/<pid>/fd"
+    );
+    let inb = &conns[&(sn, to)];
+    assert_eq!(
+        (inb.key.remote, inb.direction, inb.origin),
+        (local, Direction::Inbound, Origin::Recovered)
+    );
+
+    // Closing it produces close records that match the recovered entries by tuple.
+    let mut rx = agent.subscribe();
+    drop(early);
+    let events = collect(
+        &mut rx,
+        &[cn, sn],
+        Duration::from_secs(10),
+        Duration::from_millis(300),
+        |ev| count(ev, RecordKind::Close, cn) == 1 && count(ev, RecordKind::Close, sn) == 1,
+    )
+    .await;
+    assert_eq!(count(&events, RecordKind::Close, cn), 1);
+    assert_eq!(count(&events, RecordKind::Close, sn), 1);
+    let left = agent.shared().with_table(|t| {
+        t.iter()
+            .filter(|c| c.key.netns == cn || c.key.netns == sn)
+            .count()
+    });
+    assert_eq!(left, 0, "recovered connections removed on close");
+    let metrics = agent.shared().metrics.encode().expect("metrics");
+    assert!(
+        !metrics.contains("fanout_records_unmatched_total{kind=\"close\"}"),
+        "closes matched: {metrics}"
+    );
+    agent.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_closed_port_is_reported_as_failed() {
+    require_root();
+    let lab = Lab::new(2).expect("lab");
+    let client = lab.pod(0).clone();
+    let agent = start_agent().await;
+    let mut rx = agent.subscribe();
+    let to = lab.pod(1).addr(false, 9);
+    let attempts = 3;
+    let results = client
+        .run(move || {
+            (0..attempts)
+                .map(|_| TcpStream::connect_timeout(&to, Duration::from_secs(5)).is_err())
+                .collect::<Vec<_>>()
+        })
+        .expect("lab");
+    assert!(results.iter().all(|&refused| refused), "port 9 is closed");
+
+    let cn = lab.pod(0).netns_inode;
+    let events = collect(
+        &mut rx,
+        &[cn, lab.pod(1).netns_inode],
+        Duration::from_secs(10),
+        Duration::from_millis(300),
+        |ev| count(ev, RecordKind::ConnectFailed, cn) >= attempts,
+    )
+    .await;
+    assert_eq!(count(&events, RecordKind::Connect, cn), attempts);
+    assert_eq!(count(&events, RecordKind::ConnectFailed, cn), attempts);
+    assert_eq!(count(&events, RecordKind::Established, cn), 0);
+    for e in events
+        .iter()
+        .filter(|e| e.kind == RecordKind::ConnectFailed)
+    {
+        assert_eq!(e.remote, to);
+        assert_eq!(e.owner.as_ref().map(|o| o.pid), Some(std::process::id()));
+    }
+    let metrics = agent.shared().metrics.encode().expect("metrics");
+    let failed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fanout_connect_failed_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("fanout_connect_failed_total present");
+    assert!(failed >= attempts as u64, "{failed}");
+    agent.shutdown().await.expect("clean shutdown");
+}
