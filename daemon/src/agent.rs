@@ -217,7 +217,10 @@ impl Agent {
                         _ = tick.tick() => {}
                         _ = stop_rx.changed() => return,
                     }
-                    let lost = probe.lock().map(|p| p.lost());
+                    let lost = probe.lock().map(|mut p| {
+                        p.flush_logs();
+                        p.lost()
+                    });
                     match lost {
                         Ok(Ok(totals)) => shared.metrics.set_kernel_lost(&totals),
                         Ok(Err(e)) => tracing::warn!(error = %e, "reading loss counters"),

@@ -324,3 +324,145 @@ async fn connect_to_closed_port_is_reported_as_failed() {
     assert!(failed >= attempts as u64, "{failed}");
     agent.shutdown().await.expect("clean shutdown");
 }
+
+fn lost_total(agent_metrics: &str, reason: &str) -> u64 {
+    let prefix = format!("fanout_events_lost_total{{reason=\"{reason}\"}} ");
+    agent_metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in metrics"))
+}
+
+/// A one-page ring that the reader is never woken for: records go in without a wakeup (nothing
+/// arrives while traffic runs), the ring fills, and every lab record is either delivered (at
+/// shutdown's final drain) or counted as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_without_room_are_counted_as_lost() {
+    require_root();
+    let lab = Lab::new(2).expect("lab");
+    let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
+    let k = 50;
+    let server = EchoServer::start(
+        &server_pod,
+        server_pod.addr(false, 0),
+        k as u32,
+        Duration::from_secs(60),
+    )
+    .expect("server");
+    let page = 4096;
+    let opts = AgentOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        // Never polled while the test runs, and a wakeup threshold the ring cannot reach.
+        poll_interval: Duration::from_secs(3600),
+        probe: fanout::probe::ProbeOptions {
+            ring_bytes: page,
+            wakeup_bytes: u64::from(page) - 1,
+            ..Default::default()
+        },
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start(opts).await.expect("agent starts");
+    tokio::time::timeout(Duration::from_secs(30), agent.ready())
+        .await
+        .expect("ready");
+    let mut rx = agent.subscribe();
+    let to = server.addr;
+    let done = tokio::task::spawn_blocking(move || {
+        lab::connect_many(&client, to, k, Duration::from_secs(60))
+    })
+    .await
+    .expect("join")
+    .expect("connections");
+    assert_eq!(done.len(), k);
+    tokio::time::sleep(Duration::from_millis(1500)).await; // loss poller runs every second
+    let (cn, sn) = (lab.pod(0).netns_inode, lab.pod(1).netns_inode);
+    let mut early = 0;
+    while let Ok(ev) = rx.try_recv() {
+        if ev.netns == cn || ev.netns == sn {
+            early += 1;
+        }
+    }
+    assert_eq!(
+        early, 0,
+        "no wakeup per record: nothing read before the final drain"
+    );
+
+    let shared = agent.shared().clone();
+    let metrics = shared.metrics.encode().expect("metrics");
+    agent.shutdown().await.expect("shutdown");
+    let mut delivered = 0u64;
+    while let Ok(ev) = rx.try_recv() {
+        if ev.netns == cn || ev.netns == sn {
+            delivered += 1;
+        }
+    }
+    let expected = 6 * k as u64; // connect, established, passive open, accepted, 2 closes
+    let lost = lost_total(&metrics, "ring_full");
+    assert!(
+        delivered < expected,
+        "a one-page ring cannot hold {expected} records"
+    );
+    assert!(
+        lost >= expected - delivered,
+        "every missing lab record is counted: expected {expected}, delivered {delivered}, \
+         lost {lost}"
+    );
+}
+
+/// A socket map with room for one socket: the overflow is counted, records still flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_socket_map_is_counted() {
+    require_root();
+    let lab = Lab::new(2).expect("lab");
+    let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
+    let server = EchoServer::start(
+        &server_pod,
+        server_pod.addr(false, 0),
+        3,
+        Duration::from_secs(60),
+    )
+    .expect("server");
+    let opts = AgentOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        poll_interval: Duration::from_millis(20),
+        probe: fanout::probe::ProbeOptions {
+            sock_entries: 1,
+            ..Default::default()
+        },
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start(opts).await.expect("agent starts");
+    tokio::time::timeout(Duration::from_secs(30), agent.ready())
+        .await
+        .expect("ready");
+    let mut rx = agent.subscribe();
+    let to = server.addr;
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            client
+                .run(move || TcpStream::connect(to))
+                .expect("lab")
+                .expect("connect")
+        })
+        .collect();
+    let cn = lab.pod(0).netns_inode;
+    let events = collect(
+        &mut rx,
+        &[cn],
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        |ev| count(ev, RecordKind::Established, cn) == 3,
+    )
+    .await;
+    assert_eq!(
+        count(&events, RecordKind::Established, cn),
+        3,
+        "records still flow"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics = agent.shared().metrics.encode().expect("metrics");
+    assert!(lost_total(&metrics, "sock_map_full") >= 2, "{metrics}");
+    drop(held);
+    agent.shutdown().await.expect("shutdown");
+}

@@ -20,6 +20,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
+use aya_log_ebpf::{debug, warn};
 use fanout_common::{
     Config, LostReason, Record, RecordKind, SockState,
     tcp::{AF_INET, AF_INET6, IPPROTO_TCP, classify},
@@ -57,6 +58,18 @@ fn count_lost(reason: LostReason) {
     if let Some(counter) = LOST.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *counter += 1 };
+    }
+}
+
+/// Inserts per-socket state; a full map is counted and logged.
+#[inline(always)]
+fn remember(ctx: &TracePointContext, sk: u64, st: &SockState) {
+    if SOCKS.insert(sk, st, 0).is_err() {
+        count_lost(LostReason::SockMapFull);
+        warn!(
+            ctx,
+            "fanout: socket state map full; owner and duration will be missing"
+        );
     }
 }
 
@@ -173,9 +186,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 flags: Record::FLAG_OWNER_KNOWN as u32,
                 _pad: 0,
             };
-            if SOCKS.insert(sk, st, 0).is_err() {
-                count_lost(LostReason::SockMapFull);
-            }
+            remember(ctx, sk, &st);
         }
         RecordKind::Established => match SOCKS.get_ptr_mut(sk) {
             Some(st) => {
@@ -193,9 +204,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                     flags: 0,
                     _pad: 0,
                 };
-                if SOCKS.insert(sk, st, 0).is_err() {
-                    count_lost(LostReason::SockMapFull);
-                }
+                remember(ctx, sk, &st);
             }
         },
         RecordKind::PassiveOpen => {
@@ -208,9 +217,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 flags: 0,
                 _pad: 0,
             };
-            if SOCKS.insert(sk, st, 0).is_err() {
-                count_lost(LostReason::SockMapFull);
-            }
+            remember(ctx, sk, &st);
         }
         RecordKind::ConnectFailed | RecordKind::Close => {
             if let Some(st) = SOCKS.get_ptr(sk) {
@@ -276,6 +283,10 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i32> {
         Ok(sk) => sk,
         Err(e) => {
             count_lost(LostReason::KernelRead);
+            debug!(
+                ctx,
+                "fanout: accept fd {} not resolved to a socket ({})", fd, e
+            );
             return Err(e);
         }
     };

@@ -1,4 +1,5 @@
 //! Developer tasks for fanout, and the network-namespace lab shared by the demo and the root tests.
+pub mod bench;
 pub mod http;
 pub mod lab;
 pub mod setup;

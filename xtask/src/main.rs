@@ -41,6 +41,13 @@ enum Task {
         #[arg(long, default_value_t = 0)]
         watch: u64,
     },
+    /// Measure the tracer's cost on connection throughput; writes BENCHMARKS.md.
+    Bench {
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+        #[arg(long, default_value_t = 3000)]
+        conns: usize,
+    },
     /// Lab maintenance.
     Lab {
         #[command(subcommand)]
@@ -59,6 +66,12 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
@@ -113,6 +126,12 @@ fn main() -> Result<()> {
             setup::run()?;
             demo(Duration::from_secs(watch))
         }
+        Task::Bench { rounds, conns } => {
+            setup::run()?;
+            cargo(&["build", "--release", "--package", "fanout"])?;
+            let bin = target_dir().join("release/fanout");
+            xtask::bench::run(&bin, rounds, conns, &workspace_root().join("BENCHMARKS.md"))
+        }
         Task::Lab { cmd: LabCmd::Clean } => {
             for ns in lab::sweep(true) {
                 println!("deleted {ns}");
@@ -140,10 +159,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(log: &std::path::Path) -> Result<Daemon> {
-        let bin = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"))
-            .join("debug/fanout");
+        let bin = target_dir().join("debug/fanout");
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let child = Command::new(&bin)

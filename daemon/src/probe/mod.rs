@@ -159,7 +159,23 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
 pub struct Probe {
     ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
+    /// Forwards the programs' aya-log records to `tracing`.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub plan: HookPlan,
+}
+
+/// The in-kernel log level (aya-log's `AYA_LOG_LEVEL`) matching the daemon's tracing level, so
+/// that disabled log statements cost nothing in the kernel.
+fn kernel_log_level() -> u8 {
+    use tracing::level_filters::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::OFF => 0,
+        LevelFilter::ERROR => 1,
+        LevelFilter::WARN => 2,
+        LevelFilter::INFO => 3,
+        LevelFilter::DEBUG => 4,
+        _ => 5,
+    }
 }
 
 impl Probe {
@@ -182,12 +198,21 @@ impl Probe {
         drop(btf);
         tracing::debug!(?config, "resolved kernel layout");
 
+        let log_level = kernel_log_level();
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
+            .override_global(aya_log::LEVEL, &log_level, false)
             .map_max_entries("RECORDS", opts.ring_bytes)
             .map_max_entries("SOCKS", opts.sock_entries)
             .load(EBPF_OBJECT)?;
 
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel-side logs unavailable");
+                None
+            }
+        };
         attach(
             &mut ebpf,
             "inet_sock_set_state",
@@ -217,7 +242,15 @@ impl Probe {
             source,
         })?;
         tracing::info!(hooks = %plan.describe(), "eBPF programs attached");
-        Ok((Probe { ebpf, lost, plan }, ring))
+        Ok((
+            Probe {
+                ebpf,
+                lost,
+                logger,
+                plan,
+            },
+            ring,
+        ))
     }
 
     /// Totals of the kernel's loss counters, summed over CPUs, by reason.
@@ -235,6 +268,19 @@ impl Probe {
                 Ok((reason, per_cpu.iter().sum()))
             })
             .collect()
+    }
+
+    /// Forwards pending kernel-side log records to `tracing`.
+    pub fn flush_logs(&mut self) {
+        let Some(logger) = self.logger.as_mut() else {
+            return;
+        };
+        // aya-log panics on a record it cannot parse; never let that take the daemon down.
+        let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush()));
+        if flushed.is_err() {
+            tracing::warn!("dropping kernel-side logs after an unparsable record");
+            self.logger = None;
+        }
     }
 
     /// Names of the attached programs.
