@@ -90,6 +90,18 @@ impl Daemon {
             .sum())
     }
 
+    /// User + system CPU time of the daemon so far, in seconds.
+    fn cpu_secs(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).ok()?;
+        // Fields after the parenthesised command; utime and stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Some(ticks as f64 / hz)
+    }
+
     fn rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).ok()?;
         status
@@ -119,7 +131,8 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn run(bin: &Path, rounds: usize, conns: usize, out: &Path) -> Result<()> {
     let lab = Lab::new(2)?;
     let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
-    let total = (rounds * conns * Setup::ALL.len()) as u32 + 100;
+    let warmup = 200;
+    let total = (rounds * conns * Setup::ALL.len() + warmup) as u32;
     let server = EchoServer::start(
         &server_pod,
         server_pod.addr(false, 0),
@@ -127,14 +140,21 @@ pub fn run(bin: &Path, rounds: usize, conns: usize, out: &Path) -> Result<()> {
         Duration::from_secs(1800),
     )?;
     // Warm-up (ARP, caches).
-    lab::connect_many(&client, server.addr, 200, Duration::from_secs(60))?;
+    lab::connect_many(&client, server.addr, warmup, Duration::from_secs(60))?;
 
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); Setup::ALL.len()];
     let mut lost = [0u64; 3];
     let mut rss = [0u64; 3];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); Setup::ALL.len()];
     for round in 0..rounds {
-        for (i, &setup) in Setup::ALL.iter().enumerate() {
+        // Rotate the order so that no setup always follows the same one.
+        for j in 0..Setup::ALL.len() {
+            let i = (round + j) % Setup::ALL.len();
+            let setup = Setup::ALL[i];
             let daemon = Daemon::start(bin, setup)?;
+            // Let attaching (or the previous detach) settle before measuring.
+            std::thread::sleep(Duration::from_secs(1));
+            let cpu_before = daemon.as_ref().and_then(Daemon::cpu_secs);
             let start = Instant::now();
             let done = lab::connect_many(&client, server.addr, conns, Duration::from_secs(300))?;
             let secs = start.elapsed().as_secs_f64();
@@ -150,8 +170,12 @@ pub fn run(bin: &Path, rounds: usize, conns: usize, out: &Path) -> Result<()> {
                 // Let the reader drain before reading the loss counters.
                 std::thread::sleep(Duration::from_millis(300));
                 lost[i] += d.lost()?;
+                if let (Some(b), Some(a)) = (cpu_before, d.cpu_secs()) {
+                    cpu[i].push((a - b) * 1000.0 / conns as f64 * 1000.0);
+                }
                 rss[i] = rss[i].max(d.rss_kib().unwrap_or(0));
             }
+            drop(daemon);
             eprintln!(
                 "round {}/{rounds} {:<10} {:>8.0} conn/s",
                 round + 1,
@@ -162,7 +186,7 @@ pub fn run(bin: &Path, rounds: usize, conns: usize, out: &Path) -> Result<()> {
     }
     drop(server);
 
-    let med: Vec<f64> = rates.iter_mut().map(|r| median(r)).collect();
+    let med: Vec<f64> = rates.iter().map(|r| median(&mut r.clone())).collect();
     let mut md = String::new();
     writeln!(md, "# Benchmarks")?;
     writeln!(md)?;
@@ -173,29 +197,35 @@ pub fn run(bin: &Path, rounds: usize, conns: usize, out: &Path) -> Result<()> {
     writeln!(
         md,
         "One client thread in a lab pod opens, uses (one byte each way) and closes {conns} \
-         connections to a server pod, per round. The three setups take turns, {rounds} rounds, \
-         in one run. Each connection makes six records (connect, established, passive open, \
+         connections to a server pod, per round. The three setups take turns in a rotating order, \
+         {rounds} rounds, in one run, with a one-second pause after each start or stop. Each connection makes six records (connect, established, passive open, \
          accepted, and a close on each side)."
     )?;
     writeln!(md)?;
     writeln!(
         md,
-        "| setup | median conn/s | ratio to off | records lost | daemon max RSS |"
+        "| setup | median conn/s | ratio to off | daemon CPU ms per 1000 conns (median) | \
+         records lost | daemon max RSS |"
     )?;
-    writeln!(md, "| --- | ---: | ---: | ---: | ---: |")?;
+    writeln!(md, "| --- | ---: | ---: | ---: | ---: | ---: |")?;
     for (i, setup) in Setup::ALL.iter().enumerate() {
         let ratio = if med[0] > 0.0 { med[i] / med[0] } else { 0.0 };
-        let (l, r) = if *setup == Setup::Off {
-            ("-".to_string(), "-".to_string())
+        let (c, l, r) = if *setup == Setup::Off {
+            ("-".to_string(), "-".to_string(), "-".to_string())
         } else {
-            (lost[i].to_string(), format!("{} MiB", rss[i] / 1024))
+            (
+                format!("{:.1}", median(&mut cpu[i])),
+                lost[i].to_string(),
+                format!("{} MiB", rss[i] / 1024),
+            )
         };
         writeln!(
             md,
-            "| {} | {:.0} | {:.2} | {} | {} |",
+            "| {} | {:.0} | {:.2} | {} | {} | {} |",
             setup.name(),
             med[i],
             ratio,
+            c,
             l,
             r
         )?;
@@ -205,8 +235,20 @@ pub fn run(bin: &Path, rounds: usize, conns: usize, out: &Path) -> Result<()> {
         md,
         "`threshold` is the default: records go in without a wakeup, and the reader polls every \
          100 ms or wakes once 256 KiB are waiting. `per-record` wakes the reader for every \
-         record (`--wakeup-bytes 0`)."
+         record (`--wakeup-bytes 0`). Daemon CPU is its user + system time during the \
+         measured part of a round (clock-tick resolution), scaled to 1000 connections. \
+         Throughput on this 2-vCPU machine varies from round to round; compare the medians \
+         of one run, not numbers across runs."
     )?;
+    writeln!(md)?;
+    writeln!(md, "Per-round throughput (conn/s):")?;
+    writeln!(md)?;
+    for (i, setup) in Setup::ALL.iter().enumerate() {
+        let mut r = rates[i].clone();
+        r.sort_by(|a, b| a.total_cmp(b));
+        let list: Vec<String> = r.iter().map(|v| format!("{v:.0}")).collect();
+        writeln!(md, "- {}: {}", setup.name(), list.join(", "))?;
+    }
     std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;
     print!("{md}");
     Ok(())

@@ -183,13 +183,24 @@ impl Lab {
                 "nodad",
             ])?;
             ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-            lab.pods.push(Pod {
+            let pod = Pod {
                 name,
                 netns_inode: netns_inode(&netns)?,
                 netns,
                 ipv4,
                 ipv6,
-            });
+            };
+            // Like a busy client node: reuse TIME_WAIT ports for new connections and use a
+            // wide port range, so that bounded load loops do not run out of ports.
+            pod.run(|| {
+                std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
+                std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65000")
+            })?
+            .map_err(|source| LabError::Netns {
+                name: pod.netns.clone(),
+                source,
+            })?;
+            lab.pods.push(pod);
         }
         Ok(lab)
     }
@@ -313,13 +324,14 @@ impl EchoServer {
                 && Instant::now() < end
                 && accepted2.load(Ordering::Relaxed) < max_conns
             {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        accepted2.fetch_add(1, Ordering::Relaxed);
-                        let stop3 = stop2.clone();
-                        conns.push(std::thread::spawn(move || echo(s, &stop3, end)));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                if !readable(&listener, 50) {
+                    conns.retain(|t: &JoinHandle<()>| !t.is_finished());
+                    continue;
+                }
+                if let Ok((s, _)) = listener.accept() {
+                    accepted2.fetch_add(1, Ordering::Relaxed);
+                    let stop3 = stop2.clone();
+                    conns.push(std::thread::spawn(move || echo(s, &stop3, end)));
                 }
                 conns.retain(|t: &JoinHandle<()>| !t.is_finished());
             }
@@ -348,6 +360,17 @@ impl Drop for EchoServer {
             let _ = t.join();
         }
     }
+}
+
+/// Waits up to `ms` for `listener` to have a connection to accept.
+fn readable(listener: &TcpListener, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
 /// Echoes the first byte of every read until EOF, `stop`, or `end`.
