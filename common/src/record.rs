@@ -117,6 +117,32 @@ pub struct SockState {
     pub _pad: u32,
 }
 
+impl SockState {
+    /// State of a socket that established at `start_ns`, owner not known (yet).
+    pub const fn started(start_ns: u64) -> Self {
+        SockState {
+            start_ns,
+            tgid: 0,
+            tid: 0,
+            comm: [0; 16],
+            flags: 0,
+            _pad: 0,
+        }
+    }
+
+    /// State of a socket whose owner is in `rec` and that has not established yet.
+    pub const fn owned_by(rec: &Record) -> Self {
+        SockState {
+            start_ns: 0,
+            tgid: rec.tgid,
+            tid: rec.tid,
+            comm: rec.comm,
+            flags: (rec.flags & Record::FLAG_OWNER_KNOWN) as u32,
+            _pad: 0,
+        }
+    }
+}
+
 /// Why a record did not reach user space. Index into the kernel's per-CPU loss counters.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

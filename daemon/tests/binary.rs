@@ -3,15 +3,12 @@
 
 use std::{
     collections::BTreeSet,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use xtask::{
-    http,
-    lab::{EchoServer, Lab},
-};
+use xtask::{http, lab};
 
 const OUR_PROGRAMS: [&str; 3] = ["inet_sock_set_state", "sys_exit_accept4", "sys_exit_accept"];
 
@@ -57,15 +54,8 @@ fn binary_serves_endpoints_and_detaches_on_sigterm() {
         0,
         "this test runs the daemon, which loads eBPF programs: run it as root (cargo xtask test)"
     );
-    let lab = Lab::new(2).expect("lab");
-    let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
-    let server = EchoServer::start(
-        &server_pod,
-        server_pod.addr(false, 0),
-        3,
-        Duration::from_secs(60),
-    )
-    .expect("server");
+    let (lab, server) = lab::client_server(false, 3).expect("lab");
+    let client = lab.pod(0).clone();
 
     let before = fanout_program_ids();
     let port = TcpListener::bind("127.0.0.1:0")
@@ -98,14 +88,7 @@ fn binary_serves_endpoints_and_detaches_on_sigterm() {
 
     // Three held connections show up with namespace, tuple, direction and owner.
     let to = server.addr;
-    let held: Vec<TcpStream> = (0..3)
-        .map(|_| {
-            client
-                .run(move || TcpStream::connect(to))
-                .expect("lab")
-                .expect("connect")
-        })
-        .collect();
+    let held = lab::hold(&client, to, 3).expect("connect");
     let cn = lab.pod(0).netns_inode;
     let path = format!("/connections?netns={cn}");
     let conns = wait_for("3 connections", Duration::from_secs(10), || {

@@ -18,7 +18,7 @@ use fanout::{
 };
 use fanout_common::RecordKind;
 use tokio::sync::broadcast;
-use xtask::lab::{self, EchoServer, Lab};
+use xtask::lab;
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -35,11 +35,18 @@ fn require_root() {
 }
 
 async fn start_agent() -> Agent {
-    let opts = AgentOptions {
+    start_agent_with(|_| {}).await
+}
+
+/// Starts an agent on an ephemeral port that polls every 20 ms, after `tune` adjusted the options,
+/// and waits for startup recovery.
+async fn start_agent_with(tune: impl FnOnce(&mut AgentOptions)) -> Agent {
+    let mut opts = AgentOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         poll_interval: Duration::from_millis(20),
         ..AgentOptions::default()
     };
+    tune(&mut opts);
     let agent = Agent::start(opts).await.expect("agent starts");
     tokio::time::timeout(Duration::from_secs(30), agent.ready())
         .await
@@ -101,15 +108,8 @@ fn assert_no_losses(agent: &Agent) {
 /// right namespaces, 4-tuples and owners, and nothing lost.
 async fn k_connections(v6: bool, k: usize) {
     require_root();
-    let lab = Lab::new(2).expect("lab");
-    let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
-    let server = EchoServer::start(
-        &server_pod,
-        server_pod.addr(v6, 0),
-        k as u32,
-        Duration::from_secs(60),
-    )
-    .expect("server");
+    let (lab, server) = lab::client_server(v6, k as u32).expect("lab");
+    let client = lab.pod(0).clone();
     let agent = start_agent().await;
     let mut rx = agent.subscribe();
     let to = server.addr;
@@ -210,21 +210,11 @@ async fn k_ipv6_connections_are_reported_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_opened_before_start_is_recovered_and_its_close_seen() {
     require_root();
-    let lab = Lab::new(2).expect("lab");
-    let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
-    let server = EchoServer::start(
-        &server_pod,
-        server_pod.addr(false, 0),
-        4,
-        Duration::from_secs(60),
-    )
-    .expect("server");
+    let (lab, server) = lab::client_server(false, 4).expect("lab");
+    let client = lab.pod(0).clone();
     let to = server.addr;
-    let early = client
-        .run(move || TcpStream::connect(to))
-        .expect("lab")
-        .expect("connect");
-    let local = early.local_addr().expect("local addr");
+    let early = lab::hold(&client, to, 1).expect("connect");
+    let local = early[0].local_addr().expect("local addr");
 
     let agent = start_agent().await;
     let (cn, sn) = (lab.pod(0).netns_inode, lab.pod(1).netns_inode);
@@ -281,7 +271,7 @@ async fn connection_opened_before_start_is_recovered_and_its_close_seen() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_to_closed_port_is_reported_as_failed() {
     require_root();
-    let lab = Lab::new(2).expect("lab");
+    let lab = lab::Lab::new(2).expect("lab");
     let client = lab.pod(0).clone();
     let agent = start_agent().await;
     let mut rx = agent.subscribe();
@@ -340,32 +330,17 @@ fn lost_total(agent_metrics: &str, reason: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_without_room_are_counted_as_lost() {
     require_root();
-    let lab = Lab::new(2).expect("lab");
-    let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
     let k = 50;
-    let server = EchoServer::start(
-        &server_pod,
-        server_pod.addr(false, 0),
-        k as u32,
-        Duration::from_secs(60),
-    )
-    .expect("server");
+    let (lab, server) = lab::client_server(false, k as u32).expect("lab");
+    let client = lab.pod(0).clone();
     let page = 4096;
-    let opts = AgentOptions {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+    let agent = start_agent_with(|o| {
         // Never polled while the test runs, and a wakeup threshold the ring cannot reach.
-        poll_interval: Duration::from_secs(3600),
-        probe: fanout::probe::ProbeOptions {
-            ring_bytes: page,
-            wakeup_bytes: u64::from(page) - 1,
-            ..Default::default()
-        },
-        ..AgentOptions::default()
-    };
-    let agent = Agent::start(opts).await.expect("agent starts");
-    tokio::time::timeout(Duration::from_secs(30), agent.ready())
-        .await
-        .expect("ready");
+        o.poll_interval = Duration::from_secs(3600);
+        o.probe.ring_bytes = page;
+        o.probe.wakeup_bytes = u64::from(page) - 1;
+    })
+    .await;
     let mut rx = agent.subscribe();
     let to = server.addr;
     let done = tokio::task::spawn_blocking(move || {
@@ -414,38 +389,12 @@ async fn records_without_room_are_counted_as_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_socket_map_is_counted() {
     require_root();
-    let lab = Lab::new(2).expect("lab");
-    let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
-    let server = EchoServer::start(
-        &server_pod,
-        server_pod.addr(false, 0),
-        3,
-        Duration::from_secs(60),
-    )
-    .expect("server");
-    let opts = AgentOptions {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        poll_interval: Duration::from_millis(20),
-        probe: fanout::probe::ProbeOptions {
-            sock_entries: 1,
-            ..Default::default()
-        },
-        ..AgentOptions::default()
-    };
-    let agent = Agent::start(opts).await.expect("agent starts");
-    tokio::time::timeout(Duration::from_secs(30), agent.ready())
-        .await
-        .expect("ready");
+    let (lab, server) = lab::client_server(false, 3).expect("lab");
+    let client = lab.pod(0).clone();
+    let agent = start_agent_with(|o| o.probe.sock_entries = 1).await;
     let mut rx = agent.subscribe();
     let to = server.addr;
-    let held: Vec<TcpStream> = (0..3)
-        .map(|_| {
-            client
-                .run(move || TcpStream::connect(to))
-                .expect("lab")
-                .expect("connect")
-        })
-        .collect();
+    let held = lab::hold(&client, to, 3).expect("connect");
     let cn = lab.pod(0).netns_inode;
     let events = collect(
         &mut rx,

@@ -178,15 +178,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         RecordKind::Connect => {
             // Process context: the connecting task owns the socket.
             current_owner(&mut rec);
-            let st = SockState {
-                start_ns: 0,
-                tgid: rec.tgid,
-                tid: rec.tid,
-                comm: rec.comm,
-                flags: Record::FLAG_OWNER_KNOWN as u32,
-                _pad: 0,
-            };
-            remember(ctx, sk, &st);
+            remember(ctx, sk, &SockState::owned_by(&rec));
         }
         RecordKind::Established => match SOCKS.get_ptr_mut(sk) {
             Some(st) => {
@@ -196,28 +188,12 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 owner_from_state(&mut rec, st);
             }
             None => {
-                let st = SockState {
-                    start_ns: rec.ts_ns,
-                    tgid: 0,
-                    tid: 0,
-                    comm: [0; 16],
-                    flags: 0,
-                    _pad: 0,
-                };
-                remember(ctx, sk, &st);
+                remember(ctx, sk, &SockState::started(rec.ts_ns));
             }
         },
         RecordKind::PassiveOpen => {
             // Usually softirq context: the current task is not the owner. accept() tells.
-            let st = SockState {
-                start_ns: rec.ts_ns,
-                tgid: 0,
-                tid: 0,
-                comm: [0; 16],
-                flags: 0,
-                _pad: 0,
-            };
-            remember(ctx, sk, &st);
+            remember(ctx, sk, &SockState::started(rec.ts_ns));
         }
         RecordKind::ConnectFailed | RecordKind::Close => {
             if let Some(st) = SOCKS.get_ptr(sk) {

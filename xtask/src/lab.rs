@@ -373,6 +373,28 @@ fn readable(listener: &TcpListener, ms: i32) -> bool {
     unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
+/// A two-pod lab with an echo server in pod1 (on IPv6 with `v6`, any port): the usual client →
+/// server fixture. The server accepts at most `max_conns` connections within a minute.
+pub fn client_server(v6: bool, max_conns: u32) -> Result<(Lab, EchoServer), LabError> {
+    let lab = Lab::new(2)?;
+    let pod = lab.pod(1);
+    let server = EchoServer::start(pod, pod.addr(v6, 0), max_conns, Duration::from_secs(60))?;
+    Ok((lab, server))
+}
+
+/// Opens `n` connections from `pod` to `to` and keeps them open (closed when dropped).
+pub fn hold(pod: &Pod, to: SocketAddr, n: usize) -> Result<Vec<TcpStream>, LabError> {
+    pod.run(move || {
+        (0..n)
+            .map(|_| TcpStream::connect(to))
+            .collect::<std::io::Result<Vec<_>>>()
+    })?
+    .map_err(|source| LabError::Netns {
+        name: pod.netns.clone(),
+        source,
+    })
+}
+
 /// Echoes the first byte of every read until EOF, `stop`, or `end`.
 fn echo(mut s: TcpStream, stop: &AtomicBool, end: Instant) {
     let _ = s.set_nonblocking(false);

@@ -228,23 +228,19 @@ fn demo(watch: Duration) -> Result<()> {
     let mut servers = Vec::new();
     for i in 1..=3 {
         let pod = lab.pod(i);
-        servers.push(EchoServer::start(
-            pod,
-            pod.addr(false, 8080),
-            10_000,
-            watch + Duration::from_secs(120),
-        )?);
-        servers.push(EchoServer::start(
-            pod,
-            pod.addr(true, 8081),
-            10_000,
-            watch + Duration::from_secs(120),
-        )?);
+        for (v6, port) in [(false, 8080), (true, 8081)] {
+            servers.push(EchoServer::start(
+                pod,
+                pod.addr(v6, port),
+                10_000,
+                watch + Duration::from_secs(120),
+            )?);
+        }
     }
 
     // One connection that predates the daemon: it must be recovered at startup.
     let backend1 = lab.pod(1).addr(false, 8080);
-    let early = client.run(move || TcpStream::connect(backend1))??;
+    let early = lab::hold(&client, backend1, 1)?;
 
     let log = workspace_root().join("target/demo-fanout.log");
     println!("== starting the daemon (log: {})", log.display());
@@ -255,7 +251,7 @@ fn demo(watch: Duration) -> Result<()> {
     let mut held = vec![early];
     for i in 1..=3 {
         let to = lab.pod(i).addr(i == 3, if i == 3 { 8081 } else { 8080 });
-        held.push(client.run(move || TcpStream::connect(to))??);
+        held.push(lab::hold(&client, to, 1)?);
     }
     let short = lab::connect_many(
         &client,
