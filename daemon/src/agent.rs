@@ -11,12 +11,21 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::broadcast, sync::watch, task::JoinHandle};
+use tokio::{
+    sync::{broadcast, watch},
+    task::JoinHandle,
+};
 
 use crate::{
-    conntable::{ConnTable, recover},
+    conntable::{Change, ConnKey, ConnTable, recover},
     event::{Event, reader},
     exposition::{http, metrics::Metrics},
+    identity::{
+        Identity, IdentitySource,
+        conntrack::{Conntrack, Tuple},
+        kube::{KubeOptions, KubeSource},
+        local::{self, InventoryError, ReloadOutcome},
+    },
     probe::{Probe, ProbeError, ProbeOptions},
 };
 
@@ -31,6 +40,10 @@ pub enum AgentError {
     },
     #[error("ring buffer reader: {0}")]
     Reader(std::io::Error),
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+    #[error("Kubernetes client: {0}")]
+    Kube(String),
 }
 
 #[derive(Clone, Debug)]
@@ -44,6 +57,10 @@ pub struct AgentOptions {
     pub recover: bool,
     pub proc_root: PathBuf,
     pub netns_dirs: Vec<PathBuf>,
+    pub identity: IdentitySource,
+    /// Network namespace whose conntrack table holds kube-proxy's NAT (the node's; None = the
+    /// daemon's own).
+    pub conntrack_netns: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -55,9 +72,14 @@ impl Default for AgentOptions {
             recover: true,
             proc_root: PathBuf::from("/proc"),
             netns_dirs: crate::probe::default_netns_dirs(),
+            identity: IdentitySource::None,
+            conntrack_netns: None,
         }
     }
 }
+
+/// Pending conntrack lookups beyond this are dropped (and counted).
+const CONNTRACK_QUEUE: usize = 4096;
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
@@ -74,8 +96,10 @@ pub fn monotonic_ns() -> u64 {
 pub struct Shared {
     table: Mutex<ConnTable>,
     pub metrics: Metrics,
+    pub identity: Identity,
     ready: AtomicBool,
     events: broadcast::Sender<Event>,
+    conntrack: Mutex<Option<std::sync::mpsc::SyncSender<ConnKey>>>,
 }
 
 impl Shared {
@@ -83,8 +107,28 @@ impl Shared {
         Shared {
             table: Mutex::new(ConnTable::new()),
             metrics: Metrics::new(),
+            identity: Identity::default(),
             ready: AtomicBool::new(false),
             events: broadcast::channel(1 << 16).0,
+            conntrack: Mutex::new(None),
+        }
+    }
+
+    /// Asks the conntrack resolver for the backends of these ClusterIP connections.
+    fn request_backends(&self, keys: Vec<ConnKey>) {
+        if keys.is_empty() {
+            return;
+        }
+        let tx = self.conntrack.lock().ok().and_then(|g| g.clone());
+        for key in keys {
+            let sent = tx.as_ref().is_some_and(|tx| tx.try_send(key).is_ok());
+            if !sent {
+                self.metrics.conntrack_lookup(if tx.is_some() {
+                    "dropped"
+                } else {
+                    "unavailable"
+                });
+            }
         }
     }
 
@@ -98,8 +142,9 @@ impl Shared {
         f(&self.table())
     }
 
+    /// Ready: programs attached, startup recovery done, identity synced.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.identity.is_synced()
     }
 
     pub fn refresh_gauges(&self) {
@@ -112,14 +157,23 @@ impl Shared {
             tracing::warn!(error = %e, "undecodable record");
             self.metrics.lost_user(e.reason());
         }
+        let inv = self.identity.snapshot();
+        let mut lookups = Vec::new();
         {
             let mut table = self.table();
             for ev in &batch.events {
                 let change = table.apply(ev);
+                if let Change::Opened(conn) = &change {
+                    self.identity.learn(&inv, conn);
+                    if Identity::needs_backend(&inv, conn) {
+                        lookups.push(conn.key);
+                    }
+                }
                 self.metrics.observe(ev.kind, &change);
             }
             self.metrics.active.set(table.len() as i64);
         }
+        self.request_backends(lookups);
         for ev in batch.events {
             // No subscribers is the normal case for the daemon.
             let _ = self.events.send(ev);
@@ -135,6 +189,7 @@ pub struct Agent {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     reader: JoinHandle<std::io::Result<()>>,
+    kube: Option<KubeSource>,
 }
 
 impl Agent {
@@ -156,6 +211,9 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Reader(std::io::Error::other(e)))??;
         let shared = Arc::new(Shared::new());
+        let mut tasks = Vec::new();
+        let kube = start_identity(&opts, &shared, &mut tasks).await?;
+        start_conntrack(&opts, &shared);
         shared
             .metrics
             .build_info
@@ -180,7 +238,6 @@ impl Agent {
             ))
         };
 
-        let mut tasks = Vec::new();
         tasks.push({
             let shared = shared.clone();
             let (recover_on, proc_root, dirs) = (
@@ -195,6 +252,15 @@ impl Agent {
                             .await
                             .unwrap_or_default();
                     let added = shared.table().finish_recovery(scan.conns);
+                    let inv = shared.identity.snapshot();
+                    let lookups: Vec<ConnKey> = shared.with_table(|t| {
+                        t.iter()
+                            .inspect(|c| shared.identity.learn(&inv, c))
+                            .filter(|c| Identity::needs_backend(&inv, c))
+                            .map(|c| c.key)
+                            .collect()
+                    });
+                    shared.request_backends(lookups);
                     shared.metrics.recovered.inc_by(added as u64);
                     tracing::info!(
                         namespaces = scan.namespaces,
@@ -210,12 +276,16 @@ impl Agent {
 
         tasks.push({
             let (shared, probe, mut stop_rx) = (shared.clone(), probe.clone(), stop_rx.clone());
+            let kube_stats = kube.as_ref().map(|k| k.stats.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {}
                         _ = stop_rx.changed() => return,
+                    }
+                    if let Some(k) = &kube_stats {
+                        shared.metrics.set_kube_stats(k);
                     }
                     let lost = probe.lock().map(|mut p| {
                         p.flush_logs();
@@ -258,6 +328,7 @@ impl Agent {
             stop,
             tasks,
             reader,
+            kube,
         })
     }
 
@@ -292,7 +363,15 @@ impl Agent {
         let _ = self.stop.send(true);
         let read = self.reader.await;
         for t in self.tasks {
+            t.abort();
             let _ = t.await;
+        }
+        if let Some(k) = self.kube {
+            k.stop().await;
+        }
+        // Ends the conntrack resolver thread.
+        if let Ok(mut tx) = self.shared.conntrack.lock() {
+            tx.take();
         }
         drop(self.probe);
         tracing::info!("eBPF programs detached");
@@ -300,5 +379,128 @@ impl Agent {
             Ok(r) => r.map_err(AgentError::Reader),
             Err(e) => Err(AgentError::Reader(std::io::Error::other(e))),
         }
+    }
+}
+
+/// Loads the identity source and keeps the shared identity up to date.
+async fn start_identity(
+    opts: &AgentOptions,
+    shared: &Arc<Shared>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Option<KubeSource>, AgentError> {
+    match &opts.identity {
+        IdentitySource::None => {
+            shared.identity.set_synced(true);
+            Ok(None)
+        }
+        IdentitySource::Local { path, reload_every } => {
+            let loaded = local::stamp(path);
+            let inv = Arc::new(local::load(path)?);
+            tracing::info!(
+                file = %path.display(),
+                pods = inv.pods().len(),
+                services = inv.services().len(),
+                "inventory loaded"
+            );
+            shared.identity.replace(inv.clone());
+            shared.identity.set_synced(true);
+            shared.metrics.inventory_reload(true);
+            let (tx, mut rx) = watch::channel(inv);
+            let s = shared.clone();
+            tasks.push(tokio::spawn(local::watch_file(
+                path.clone(),
+                *reload_every,
+                loaded,
+                tx,
+                move |outcome| {
+                    s.metrics
+                        .inventory_reload(*outcome == ReloadOutcome::Loaded)
+                },
+            )));
+            let s = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let inv = rx.borrow_and_update().clone();
+                    s.identity.replace(inv);
+                }
+            }));
+            Ok(None)
+        }
+        IdentitySource::Kube { node_name } => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| AgentError::Kube(e.to_string()))?;
+            let source = KubeSource::start(
+                client,
+                KubeOptions {
+                    node_name: node_name.clone(),
+                    debounce: Duration::from_millis(200),
+                },
+            );
+            let (mut inv_rx, mut synced_rx) = (source.inventory.clone(), source.synced.clone());
+            let s = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        r = inv_rx.changed() => {
+                            if r.is_err() { return; }
+                            let inv = inv_rx.borrow_and_update().clone();
+                            s.identity.replace(inv);
+                        }
+                        r = synced_rx.changed() => {
+                            if r.is_err() { return; }
+                            let synced = *synced_rx.borrow_and_update();
+                            s.identity.set_synced(synced);
+                            s.metrics.identity_synced.set(i64::from(synced));
+                        }
+                    }
+                }
+            }));
+            Ok(Some(source))
+        }
+    }
+}
+
+/// Starts the thread that resolves ClusterIP connections to backends through conntrack.
+fn start_conntrack(opts: &AgentOptions, shared: &Arc<Shared>) {
+    if matches!(opts.identity, IdentitySource::None) {
+        return;
+    }
+    let ct = match &opts.conntrack_netns {
+        Some(path) => Conntrack::open_in(path),
+        None => Conntrack::open(),
+    };
+    let ct = match ct {
+        Ok(ct) => ct,
+        Err(e) => {
+            tracing::warn!(error = %e, "conntrack unavailable: ClusterIP connections will have no backend");
+            return;
+        }
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<ConnKey>(CONNTRACK_QUEUE);
+    if let Ok(mut g) = shared.conntrack.lock() {
+        *g = Some(tx);
+    }
+    let weak = Arc::downgrade(shared);
+    let spawned = std::thread::Builder::new()
+        .name("conntrack".into())
+        .spawn(move || {
+            while let Ok(key) = rx.recv() {
+                let Some(shared) = weak.upgrade() else { return };
+                match ct.reply_tuple(Tuple::new(key.local, key.remote)) {
+                    Ok(Some(reply)) => {
+                        shared.table().set_backend(&key, reply.src);
+                        shared.metrics.conntrack_lookup("found");
+                    }
+                    Ok(None) => shared.metrics.conntrack_lookup("missing"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "conntrack lookup failed");
+                        shared.metrics.conntrack_lookup("error");
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the conntrack thread");
     }
 }

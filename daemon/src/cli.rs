@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{agent::AgentOptions, probe::ProbeOptions};
+use crate::{agent::AgentOptions, identity::IdentitySource, probe::ProbeOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,6 +49,22 @@ pub struct RunArgs {
     /// /proc of the host (mount the host's /proc here when running in a container).
     #[arg(long, default_value = "/proc")]
     pub proc_root: PathBuf,
+    /// Identity from an inventory file (YAML; see the README), re-read when it changes.
+    #[arg(long, conflicts_with = "kube")]
+    pub inventory: Option<PathBuf>,
+    /// How often to check the inventory file for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub inventory_reload: Duration,
+    /// Identity from the Kubernetes API (in-cluster config or kubeconfig).
+    #[arg(long)]
+    pub kube: bool,
+    /// This node's name (Downward API), to tell this node's pods from the rest.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Network namespace whose conntrack table holds kube-proxy's NAT (default: the daemon's
+    /// own, which is the node's when it runs with hostNetwork).
+    #[arg(long)]
+    pub conntrack_netns: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -65,6 +81,17 @@ impl RunArgs {
             recover: !self.no_recover,
             proc_root: self.proc_root.clone(),
             netns_dirs: crate::probe::default_netns_dirs(),
+            identity: match (&self.inventory, self.kube) {
+                (Some(path), _) => IdentitySource::Local {
+                    path: path.clone(),
+                    reload_every: self.inventory_reload,
+                },
+                (None, true) => IdentitySource::Kube {
+                    node_name: self.node_name.clone(),
+                },
+                (None, false) => IdentitySource::None,
+            },
+            conntrack_netns: self.conntrack_netns.clone(),
         }
     }
 }
@@ -118,5 +145,15 @@ mod tests {
         let Command::Run(args) = cli.command;
         assert_eq!(args.agent_options().listen.port(), 1);
         assert!(Cli::try_parse_from(["fanout", "run", "--poll-interval", "x"]).is_err());
+        assert!(
+            Cli::try_parse_from(["fanout", "run", "--kube", "--inventory", "x.yaml"]).is_err(),
+            "one identity source at a time"
+        );
+        let cli = Cli::try_parse_from(["fanout", "run", "--inventory", "inv.yaml"]).unwrap();
+        let Command::Run(args) = cli.command;
+        assert!(matches!(
+            args.agent_options().identity,
+            IdentitySource::Local { .. }
+        ));
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Data path, one module per stage:
 //! [`probe`] (eBPF programs, kernel layouts) → [`event`] (ring buffer records) →
-//! [`conntable`] (live connections, startup recovery) → [`exposition`] (metrics, HTTP API).
+//! [`conntable`] (live connections, startup recovery) → [`identity`] (pods, services,
+//! conntrack) → [`exposition`] (metrics, HTTP API).
 //! [`agent`] wires the stages together; [`cli`] is the command line.
 
 pub mod agent;
@@ -11,4 +12,5 @@ pub mod cli;
 pub mod conntable;
 pub mod event;
 pub mod exposition;
+pub mod identity;
 pub mod probe;

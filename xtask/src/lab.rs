@@ -145,6 +145,38 @@ impl Lab {
         ip(&["-n", &node, "link", "set", "lo", "up"])?;
         ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &node, "link", "set", "br0", "up"])?;
+        // The bridge is the pods' gateway, so that traffic to service IPs goes through the node
+        // namespace, and bridged traffic passes iptables (br_netfilter) like on a kubenet node:
+        // that is what lets DNAT'ed replies between pods on one bridge be un-NATed.
+        ip(&["-n", &node, "addr", "add", "10.244.0.1/24", "dev", "br0"])?;
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            "fd00:244::1/64",
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        let node_ns = Pod {
+            name: "node".into(),
+            netns: node.clone(),
+            netns_inode: lab.node_inode,
+            ipv4: Ipv4Addr::new(10, 244, 0, 1),
+            ipv6: Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1),
+        };
+        node_ns
+            .run(|| -> std::io::Result<()> {
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+                std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
+                std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "1")?;
+                std::fs::write("/proc/sys/net/bridge/bridge-nf-call-ip6tables", "1")
+            })?
+            .map_err(|source| LabError::Netns {
+                name: node.clone(),
+                source,
+            })?;
         for i in 0..pods {
             let name = format!("pod{i}");
             let netns = format!("{prefix}-{name}");
@@ -183,6 +215,17 @@ impl Lab {
                 "nodad",
             ])?;
             ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &netns, "route", "add", "default", "via", "10.244.0.1"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "fd00:244::1",
+            ])?;
             let pod = Pod {
                 name,
                 netns_inode: netns_inode(&netns)?,
@@ -214,6 +257,86 @@ impl Lab {
         let mut full = vec!["netns", "exec", &self.node, cmd];
         full.extend_from_slice(args);
         run("ip", &full)
+    }
+
+    /// Makes `vip` a ClusterIP the way kube-proxy (iptables mode) does: DNAT in the node
+    /// namespace to one of `backends`, chosen at random per connection. IPv4 or IPv6.
+    pub fn add_cluster_ip(&self, vip: SocketAddr, backends: &[SocketAddr]) -> Result<(), LabError> {
+        let tool = if vip.is_ipv4() {
+            "iptables"
+        } else {
+            "ip6tables"
+        };
+        // One chain per VIP (FNV-1a of the address keeps the name short and unique).
+        let hash = vip.to_string().bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        let chain = format!("FO-SVC-{hash:08X}");
+        let mask = if vip.is_ipv4() { "/32" } else { "/128" };
+        let dst = format!("{}{mask}", vip.ip());
+        let port = vip.port().to_string();
+        // A fresh chain per service port; PREROUTING for pod traffic, OUTPUT for the node's own.
+        let _ = self.node_exec(tool, &["-t", "nat", "-N", &chain]);
+        for hook in ["PREROUTING", "OUTPUT"] {
+            self.node_exec(
+                tool,
+                &[
+                    "-t", "nat", "-A", hook, "-d", &dst, "-p", "tcp", "--dport", &port, "-j",
+                    &chain,
+                ],
+            )?;
+        }
+        let n = backends.len();
+        for (i, b) in backends.iter().enumerate() {
+            let to = b.to_string();
+            let left = n - i;
+            if left > 1 {
+                let p = format!("{:.5}", 1.0 / left as f64);
+                self.node_exec(
+                    tool,
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        &chain,
+                        "-p",
+                        "tcp",
+                        "-m",
+                        "statistic",
+                        "--mode",
+                        "random",
+                        "--probability",
+                        &p,
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &to,
+                    ],
+                )?;
+            } else {
+                self.node_exec(
+                    tool,
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        &chain,
+                        "-p",
+                        "tcp",
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &to,
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Path of the node namespace (for `fanout run --conntrack-netns`).
+    pub fn node_netns_path(&self) -> std::path::PathBuf {
+        Path::new(NETNS_DIR).join(&self.node)
     }
 
     /// Deletes every namespace of the lab. Idempotent.
@@ -285,6 +408,7 @@ pub struct EchoServer {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     accepted: Arc<AtomicU32>,
+    peers: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
     thread: Option<JoinHandle<Result<(), LabError>>>,
 }
 
@@ -314,7 +438,8 @@ impl EchoServer {
             })?;
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU32::new(0));
-        let (stop2, accepted2) = (stop.clone(), accepted.clone());
+        let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop2, accepted2, peers2) = (stop.clone(), accepted.clone(), peers.clone());
         // Accepting needs no namespace switch: the listener already belongs to the pod. Each
         // connection gets its own thread so that long-lived ones do not hold up the rest.
         let thread = std::thread::spawn(move || {
@@ -328,8 +453,11 @@ impl EchoServer {
                     conns.retain(|t: &JoinHandle<()>| !t.is_finished());
                     continue;
                 }
-                if let Ok((s, _)) = listener.accept() {
+                if let Ok((s, peer)) = listener.accept() {
                     accepted2.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut p) = peers2.lock() {
+                        p.push(peer);
+                    }
                     let stop3 = stop2.clone();
                     conns.push(std::thread::spawn(move || echo(s, &stop3, end)));
                 }
@@ -344,12 +472,18 @@ impl EchoServer {
             addr,
             stop,
             accepted,
+            peers,
             thread: Some(thread),
         })
     }
 
     pub fn accepted(&self) -> u32 {
         self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Remote addresses of the connections accepted so far.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().map(|p| p.clone()).unwrap_or_default()
     }
 }
 
@@ -451,6 +585,40 @@ pub fn connect_many(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Root: the ClusterIP DNAT spreads connections over every backend and every connection
+    /// lands (replies are un-NATed across the bridge), for IPv4 and IPv6.
+    #[test]
+    fn cluster_ip_reaches_every_backend() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "lab tests need root (cargo xtask test)"
+        );
+        let lab = Lab::new(4).expect("lab");
+        for (v6, vip) in [(false, "10.96.0.10:80"), (true, "[fd00:96::10]:80")] {
+            let vip: SocketAddr = vip.parse().expect("vip");
+            let servers: Vec<EchoServer> = (1..4)
+                .map(|i| {
+                    let pod = lab.pod(i);
+                    EchoServer::start(pod, pod.addr(v6, 8080), 100, Duration::from_secs(60))
+                        .expect("server")
+                })
+                .collect();
+            let backends: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+            lab.add_cluster_ip(vip, &backends).expect("cluster ip");
+            let done = connect_many(lab.pod(0), vip, 60, Duration::from_secs(30)).expect("lab");
+            assert_eq!(done.len(), 60, "every connection through the VIP lands");
+            std::thread::sleep(Duration::from_millis(200));
+            let per: Vec<u32> = servers.iter().map(EchoServer::accepted).collect();
+            assert_eq!(per.iter().sum::<u32>(), 60, "{per:?}");
+            assert!(
+                per.iter().all(|&n| n > 0),
+                "random DNAT reaches all: {per:?}"
+            );
+        }
+    }
 
     #[test]
     fn prefix_encodes_owner_pid() {

@@ -59,6 +59,9 @@ pub struct Conn {
     pub owner: Option<Owner>,
     /// CLOCK_MONOTONIC ns when it established, when known.
     pub opened_ns: Option<u64>,
+    /// For a connection to a ClusterIP: the backend address kube-proxy's DNAT chose (from
+    /// conntrack), once looked up.
+    pub backend: Option<SocketAddr>,
 }
 
 /// A connect() still waiting for its handshake. The local port is often not chosen yet at
@@ -176,6 +179,7 @@ impl ConnTable {
                     sock: ev.sock,
                     owner,
                     opened_ns: Some(ev.ts_ns),
+                    backend: None,
                 };
                 self.insert(conn.clone());
                 Change::Opened(conn)
@@ -188,6 +192,7 @@ impl ConnTable {
                     sock: ev.sock,
                     owner: ev.owner.clone(),
                     opened_ns: Some(ev.ts_ns),
+                    backend: None,
                 };
                 self.insert(conn.clone());
                 Change::Opened(conn)
@@ -235,6 +240,17 @@ impl ConnTable {
                     }
                 }
             }
+        }
+    }
+
+    /// Records the backend a ClusterIP connection reached. False when the connection is gone.
+    pub fn set_backend(&mut self, key: &ConnKey, backend: SocketAddr) -> bool {
+        match self.conns.get_mut(key) {
+            Some(c) => {
+                c.backend = Some(backend);
+                true
+            }
+            None => false,
         }
     }
 
@@ -369,6 +385,7 @@ mod tests {
             sock: 0,
             owner: None,
             opened_ns: None,
+            backend: None,
         };
         let added = t.finish_recovery([
             rec("10.0.0.2:80", "10.0.0.1:1"),

@@ -113,6 +113,7 @@ pub fn connections(netns: u32, socks: &[ProcSock], owners: &HashMap<u64, Owner>)
             sock: 0,
             owner: owners.get(&s.inode).cloned(),
             opened_ns: None,
+            backend: None,
         })
         .collect()
 }

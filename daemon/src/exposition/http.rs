@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::agent::Shared;
 use crate::conntable::{Conn, Direction, Origin};
 use crate::event::Owner;
+use crate::identity::attribution::Attribution;
 
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -65,10 +66,12 @@ pub struct ConnView {
     pub owner: Option<Owner>,
     /// Seconds since the connection established, when the tracer saw it open.
     pub age_seconds: Option<f64>,
+    /// Which pod this end is and what the peer is (pod, service with backend, node, external).
+    pub identity: Attribution,
 }
 
 impl ConnView {
-    fn new(c: &Conn, now_ns: u64) -> Self {
+    fn new(c: &Conn, now_ns: u64, identity: Attribution) -> Self {
         ConnView {
             netns: c.key.netns,
             local: c.key.local.to_string(),
@@ -77,6 +80,7 @@ impl ConnView {
             origin: c.origin,
             owner: c.owner.clone(),
             age_seconds: c.opened_ns.map(|t| now_ns.saturating_sub(t) as f64 / 1e9),
+            identity,
         }
     }
 }
@@ -106,10 +110,11 @@ async fn connections(
         }
     }
     let now = crate::agent::monotonic_ns();
+    let inv = shared.identity.snapshot();
     let mut out: Vec<ConnView> = shared.with_table(|t| {
         t.iter()
             .filter(|c| netns.is_none_or(|n| c.key.netns == n))
-            .map(|c| ConnView::new(c, now))
+            .map(|c| ConnView::new(c, now, shared.identity.attribute(&inv, c)))
             .collect()
     });
     out.sort_by(|a, b| (a.netns, &a.local, &a.remote).cmp(&(b.netns, &b.local, &b.remote)));

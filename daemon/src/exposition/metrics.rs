@@ -33,6 +33,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
     pub hooks: String,
@@ -50,8 +55,22 @@ pub struct Metrics {
     pub unmatched: Family<KindLabels, Counter>,
     pub recovered: Counter,
     pub build_info: Family<BuildLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    pub identity_synced: Gauge,
+    pub inventory_reloads: Family<ResultLabels, Counter>,
+    pub conntrack_lookups: Family<ResultLabels, Counter>,
+    pub kube_watch_errors: Counter,
+    pub kube_watch_restarts: Counter,
     /// Kernel loss totals last read, to turn them into counter increments.
     kernel_lost_seen: [AtomicU64; fanout_common::LostReason::COUNT as usize],
+    kube_seen: [AtomicU64; 2],
+}
+
+/// Raises `counter` to an externally kept running `total` (`seen` is the total last applied).
+fn bump_to(counter: &Counter, seen: &AtomicU64, total: u64) {
+    let before = seen.swap(total, std::sync::atomic::Ordering::Relaxed);
+    if total > before {
+        counter.inc_by(total - before);
+    }
 }
 
 impl Default for Metrics {
@@ -123,7 +142,43 @@ impl Metrics {
             "Version and active hooks",
             build_info.clone(),
         );
+        let identity_synced = Gauge::default();
+        registry.register(
+            "fanout_identity_synced",
+            "1 once the identity source (inventory file or Kubernetes caches) is loaded",
+            identity_synced.clone(),
+        );
+        let inventory_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "fanout_inventory_reloads",
+            "Inventory file loads, by result (ok, error); on error the last good one stays",
+            inventory_reloads.clone(),
+        );
+        let conntrack_lookups = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "fanout_conntrack_lookups",
+            "Conntrack lookups of ClusterIP connections, by result",
+            conntrack_lookups.clone(),
+        );
+        let kube_watch_errors = Counter::default();
+        registry.register(
+            "fanout_kube_watch_errors",
+            "Errors from Kubernetes watches (API server outages included)",
+            kube_watch_errors.clone(),
+        );
+        let kube_watch_restarts = Counter::default();
+        registry.register(
+            "fanout_kube_watch_restarts",
+            "Kubernetes watch restarts with a full relist (e.g. after 410 Gone)",
+            kube_watch_restarts.clone(),
+        );
         Metrics {
+            identity_synced,
+            inventory_reloads,
+            conntrack_lookups,
+            kube_watch_errors,
+            kube_watch_restarts,
+            kube_seen: Default::default(),
             registry,
             records,
             opened,
@@ -180,23 +235,43 @@ impl Metrics {
 
     /// Brings the loss counters up to the kernel's totals.
     pub fn set_kernel_lost(&self, totals: &[(fanout_common::LostReason, u64)]) {
-        use std::sync::atomic::Ordering;
         for &(reason, total) in totals {
-            let seen = &self.kernel_lost_seen[reason as usize];
-            let before = seen.swap(total, Ordering::Relaxed);
-            if total > before {
-                self.lost
-                    .get_or_create(&ReasonLabels {
-                        reason: reason.as_str(),
-                    })
-                    .inc_by(total - before);
-            } else {
-                // Make the series exist (at 0) so that alerts on it have something to read.
-                let _ = self.lost.get_or_create(&ReasonLabels {
-                    reason: reason.as_str(),
-                });
-            }
+            // get_or_create also makes the series exist at 0, so alerts have something to read.
+            let counter = self.lost.get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            });
+            bump_to(&counter, &self.kernel_lost_seen[reason as usize], total);
         }
+    }
+
+    pub fn inventory_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.inventory_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        if ok {
+            self.identity_synced.set(1);
+        }
+    }
+
+    pub fn conntrack_lookup(&self, result: &'static str) {
+        self.conntrack_lookups
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn set_kube_stats(&self, stats: &crate::identity::kube::KubeStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        bump_to(
+            &self.kube_watch_errors,
+            &self.kube_seen[0],
+            stats.watch_errors.load(Relaxed),
+        );
+        bump_to(
+            &self.kube_watch_restarts,
+            &self.kube_seen[1],
+            stats.restarts.load(Relaxed),
+        );
     }
 
     pub fn lost_user(&self, reason: &'static str) {
