@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod config;
+pub mod h2;
 pub mod record;
 pub mod tcp;
 
