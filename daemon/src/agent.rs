@@ -426,10 +426,11 @@ async fn start_identity(
             }));
             Ok(None)
         }
-        IdentitySource::Kube { node_name } => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| AgentError::Kube(e.to_string()))?;
+        IdentitySource::Kube {
+            node_name,
+            kubeconfig,
+        } => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
             let source = KubeSource::start(
                 client,
                 KubeOptions {
@@ -459,6 +460,22 @@ async fn start_identity(
             Ok(Some(source))
         }
     }
+}
+
+/// A Kubernetes client from `kubeconfig`, else in-cluster config or the default kubeconfig.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, AgentError> {
+    let err = |e: &dyn std::fmt::Display| AgentError::Kube(e.to_string());
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| AgentError::Kube(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| AgentError::Kube(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer().await.map_err(|e| err(&e))?,
+    };
+    kube::Client::try_from(config).map_err(|e| err(&e))
 }
 
 /// Starts the thread that resolves ClusterIP connections to backends through conntrack.

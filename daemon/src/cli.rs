@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// Identity from the Kubernetes API (in-cluster config or kubeconfig).
     #[arg(long)]
     pub kube: bool,
+    /// Kubeconfig file for --kube (default: in-cluster config, then $KUBECONFIG or
+    /// ~/.kube/config).
+    #[arg(long, requires = "kube")]
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name (Downward API), to tell this node's pods from the rest.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -88,6 +92,7 @@ impl RunArgs {
                 },
                 (None, true) => IdentitySource::Kube {
                     node_name: self.node_name.clone(),
+                    kubeconfig: self.kubeconfig.clone(),
                 },
                 (None, false) => IdentitySource::None,
             },

@@ -38,8 +38,12 @@ pub enum IdentitySource {
         path: PathBuf,
         reload_every: Duration,
     },
-    /// Kubernetes watches (in-cluster config or kubeconfig).
-    Kube { node_name: Option<String> },
+    /// Kubernetes watches: the given kubeconfig file, else in-cluster config or the default
+    /// kubeconfig.
+    Kube {
+        node_name: Option<String>,
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 /// The identity in force: the current inventory snapshot and what was learnt about namespaces.

@@ -1,0 +1,214 @@
+//! Root end-to-end test of Kubernetes mode through the daemon core: the agent reads a kubeconfig
+//! that points at the in-process fake API server, reports ready only once every cache synced,
+//! and attributes real lab connections through a ClusterIP to the pods the API server names.
+
+#[path = "support/fake_apiserver.rs"]
+mod fake_apiserver;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use fake_apiserver::{FakeApiServer, Kind};
+use fanout::{
+    agent::{Agent, AgentOptions},
+    conntable::Direction,
+    identity::{
+        IdentitySource,
+        attribution::{LocalEnd, Peer},
+        kube::SERVICE_NAME_LABEL,
+    },
+};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde_json::json;
+use xtask::{
+    http,
+    lab::{self, EchoServer, Lab},
+};
+
+fn pod(name: &str, ip: std::net::Ipv4Addr, app: &str, hash: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "shop",
+                     "labels": {"app": app, "pod-template-hash": hash},
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                        "name": format!("{app}-{hash}"), "uid": "u", "controller": true}]},
+        "spec": {"nodeName": "lab-node", "containers": [{"name": "app", "image": "app:1"}]},
+        "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
+                   "conditions": [{"type": "Ready", "status": "True"}]}
+    }))
+    .expect("pod")
+}
+
+async fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_mode_gates_readiness_and_attributes_lab_connections() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root (cargo xtask test)"
+    );
+    let lab = Lab::new(3).expect("lab");
+    let servers: Vec<EchoServer> = (1..=2)
+        .map(|i| {
+            let p = lab.pod(i);
+            EchoServer::start(p, p.addr(false, 8080), 100, Duration::from_secs(60)).expect("server")
+        })
+        .collect();
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+    lab.add_cluster_ip(vip, &[servers[0].addr, servers[1].addr])
+        .expect("cluster ip");
+
+    let api = FakeApiServer::start().await;
+    api.apply(&pod(
+        "client-5f6d7c8b9-aaaaa",
+        lab.pod(0).ipv4,
+        "client",
+        "5f6d7c8b9",
+    ));
+    api.apply(&pod(
+        "web-7d9f8c6b5-bbbbb",
+        lab.pod(1).ipv4,
+        "web",
+        "7d9f8c6b5",
+    ));
+    api.apply(&pod(
+        "web-7d9f8c6b5-ccccc",
+        lab.pod(2).ipv4,
+        "web",
+        "7d9f8c6b5",
+    ));
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                 "selector": {"app": "web"},
+                 "ports": [{"name": "grpc", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+    }))
+    .expect("service");
+    api.apply(&svc);
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "web-x1", "namespace": "shop",
+                     "labels": {SERVICE_NAME_LABEL: "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "grpc", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": [lab.pod(1).ipv4.to_string()], "conditions": {"ready": true},
+             "targetRef": {"kind": "Pod", "name": "web-7d9f8c6b5-bbbbb", "namespace": "shop"}},
+            {"addresses": [lab.pod(2).ipv4.to_string()], "conditions": {"ready": true},
+             "targetRef": {"kind": "Pod", "name": "web-7d9f8c6b5-ccccc", "namespace": "shop"}}
+        ]
+    }))
+    .expect("slice");
+    api.apply(&slice);
+    // EndpointSlices cannot be listed yet: the caches cannot sync.
+    api.set_forbidden(Kind::EndpointSlices, true);
+
+    let dir = std::env::temp_dir().join(format!("fanout-kube-{}", lab.prefix));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake, namespace: default}}\ncurrent-context: fake\n",
+            api.url()
+        ),
+    )
+    .expect("kubeconfig");
+
+    let agent = Agent::start(AgentOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        poll_interval: Duration::from_millis(20),
+        identity: IdentitySource::Kube {
+            node_name: Some("lab-node".into()),
+            kubeconfig: Some(kubeconfig),
+        },
+        conntrack_netns: Some(lab.node_netns_path()),
+        ..AgentOptions::default()
+    })
+    .await
+    .expect("agent starts");
+    let addr = agent.http_addr();
+
+    // Not ready while a cache cannot sync, even after recovery is done.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (code, _) = http::get(addr, "/healthz").expect("healthz");
+    assert_eq!(code, 503, "not ready before every cache synced");
+    api.set_forbidden(Kind::EndpointSlices, false);
+    wait("ready", Duration::from_secs(20), || {
+        matches!(http::get(addr, "/healthz"), Ok((200, _))).then_some(())
+    })
+    .await;
+
+    let held = lab::hold(lab.pod(0), vip, 6).expect("connections");
+    let mut accepted_by: HashMap<SocketAddr, &str> = HashMap::new();
+    wait("accepts", Duration::from_secs(10), || {
+        for (s, name) in servers
+            .iter()
+            .zip(["web-7d9f8c6b5-bbbbb", "web-7d9f8c6b5-ccccc"])
+        {
+            for p in s.peers() {
+                accepted_by.insert(p, name);
+            }
+        }
+        (accepted_by.len() == 6).then_some(())
+    })
+    .await;
+
+    let cn = lab.pod(0).netns_inode;
+    let shared = agent.shared().clone();
+    let view = wait("attributed connections", Duration::from_secs(10), || {
+        let inv = shared.identity.snapshot();
+        let v: Vec<_> = shared.with_table(|t| {
+            t.iter()
+                .filter(|c| c.key.netns == cn && c.direction == Direction::Outbound)
+                .map(|c| (c.key.local, shared.identity.attribute(&inv, c)))
+                .collect()
+        });
+        (v.len() == 6 && v.iter().all(|(_, a)| a.peer_pod().is_some())).then_some(v)
+    })
+    .await;
+    for (local, at) in &view {
+        let LocalEnd::Pod(me) = &at.local else {
+            panic!("{at:?}")
+        };
+        assert_eq!(me.name, "client-5f6d7c8b9-aaaaa");
+        assert_eq!(
+            (me.workload.kind.as_str(), me.workload.name.as_str()),
+            ("Deployment", "client")
+        );
+        let Peer::Service {
+            service, backend, ..
+        } = &at.peer
+        else {
+            panic!("{at:?}")
+        };
+        assert_eq!(
+            (service.namespace.as_str(), service.name.as_str()),
+            ("shop", "web")
+        );
+        let backend = backend.as_ref().map(|b| b.name.as_str());
+        assert_eq!(backend, Some(accepted_by[local]), "backend from conntrack");
+    }
+    let metrics = shared.metrics.encode().expect("metrics");
+    assert!(metrics.contains("fanout_identity_synced 1"), "{metrics}");
+
+    drop(held);
+    agent.shutdown().await.expect("shutdown");
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
+}
