@@ -24,6 +24,11 @@ pub struct TracepointLayout {
     pub daddr_v6: u16,
     /// `syscalls/sys_exit_accept{,4}`: the returned file descriptor.
     pub accept_ret: u16,
+    /// `sock/sock_send_length` and `sock/sock_recv_length` (one event class, one layout).
+    pub msg_sk: u16,
+    pub msg_protocol: u16,
+    pub msg_ret: u16,
+    pub msg_flags: u16,
 }
 
 /// Byte offsets of kernel struct members, resolved from BTF.
@@ -76,6 +81,10 @@ impl Config {
                 saddr_v6: 0,
                 daddr_v6: 0,
                 accept_ret: 0,
+                msg_sk: 0,
+                msg_protocol: 0,
+                msg_ret: 0,
+                msg_flags: 0,
             },
             offsets: KernelOffsets {
                 sock_net: 0,
@@ -100,8 +109,8 @@ unsafe impl aya::Pod for Config {}
 mod tests {
     #[test]
     fn config_has_no_padding() {
-        assert_eq!(core::mem::size_of::<super::TracepointLayout>(), 24);
+        assert_eq!(core::mem::size_of::<super::TracepointLayout>(), 32);
         assert_eq!(core::mem::size_of::<super::KernelOffsets>(), 32);
-        assert_eq!(core::mem::size_of::<super::Config>(), 64);
+        assert_eq!(core::mem::size_of::<super::Config>(), 72);
     }
 }

@@ -1,7 +1,7 @@
 //! The record the kernel writes to the ring buffer, the per-socket state it keeps, and the reasons
 //! a record can be lost.
 
-/// One lifecycle step of one TCP socket. 96 bytes, no padding, 8-byte aligned.
+/// One lifecycle step of one TCP socket. 128 bytes, no padding, 8-byte aligned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -37,6 +37,11 @@ pub struct Record {
     /// Owner's command (`comm`), NUL padded, when known.
     pub comm: [u8; 16],
     pub _pad1: [u8; 4],
+    /// For [`RecordKind::Close`]: the connection's final counters (see [`SockState`]).
+    pub bytes_sent: u64,
+    pub bytes_recv: u64,
+    pub msgs_sent: u64,
+    pub msgs_recv: u64,
 }
 
 impl Record {
@@ -44,6 +49,8 @@ impl Record {
     pub const FLAG_OWNER_KNOWN: u8 = 1;
     /// `duration_ns` is meaningful.
     pub const FLAG_START_KNOWN: u8 = 2;
+    /// The byte and message counters are the connection's final ones.
+    pub const FLAG_COUNTERS: u8 = 4;
     /// Size in bytes, as laid out in the ring buffer.
     pub const SIZE: usize = core::mem::size_of::<Record>();
 
@@ -65,6 +72,10 @@ impl Record {
             daddr: [0; 16],
             comm: [0; 16],
             _pad1: [0; 4],
+            bytes_sent: 0,
+            bytes_recv: 0,
+            msgs_sent: 0,
+            msgs_recv: 0,
         }
     }
 }
@@ -115,6 +126,12 @@ pub struct SockState {
     /// `Record::FLAG_OWNER_KNOWN` when the owner fields are valid.
     pub flags: u32,
     pub _pad: u32,
+    /// Payload bytes and send/receive calls (`sock_sendmsg`/`sock_recvmsg`) since the socket was
+    /// first seen, counted in the kernel (atomically: several CPUs may send on one socket).
+    pub bytes_sent: u64,
+    pub bytes_recv: u64,
+    pub msgs_sent: u64,
+    pub msgs_recv: u64,
 }
 
 impl SockState {
@@ -127,6 +144,10 @@ impl SockState {
             comm: [0; 16],
             flags: 0,
             _pad: 0,
+            bytes_sent: 0,
+            bytes_recv: 0,
+            msgs_sent: 0,
+            msgs_recv: 0,
         }
     }
 
@@ -139,8 +160,29 @@ impl SockState {
             comm: rec.comm,
             flags: (rec.flags & Record::FLAG_OWNER_KNOWN) as u32,
             _pad: 0,
+            bytes_sent: 0,
+            bytes_recv: 0,
+            msgs_sent: 0,
+            msgs_recv: 0,
         }
     }
+}
+
+/// Key of the HTTP/2 scanner state of one connection's egress direction: the packet's addresses
+/// as the sender sees them (local first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct H2Key {
+    /// IPv4 uses the first four bytes.
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// 4 or 6.
+    pub ip_version: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Why a record did not reach user space. Index into the kernel's per-CPU loss counters.
@@ -174,6 +216,7 @@ mod user {
     // SAFETY: plain `#[repr(C)]` data without padding or pointers; any bit pattern is valid.
     unsafe impl aya::Pod for super::SockState {}
     unsafe impl aya::Pod for super::Record {}
+    unsafe impl aya::Pod for super::H2Key {}
 }
 
 #[cfg(test)]
@@ -182,9 +225,10 @@ mod tests {
 
     #[test]
     fn record_layout_has_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<Record>(), 96);
+        assert_eq!(core::mem::size_of::<Record>(), 128);
         assert_eq!(core::mem::align_of::<Record>(), 8);
-        assert_eq!(core::mem::size_of::<SockState>(), 40);
+        assert_eq!(core::mem::size_of::<SockState>(), 72);
+        assert_eq!(core::mem::size_of::<H2Key>(), 40);
     }
 
     #[test]

@@ -296,6 +296,7 @@ impl Agent {
                         Ok(Err(e)) => tracing::warn!(error = %e, "reading loss counters"),
                         Err(_) => return,
                     }
+                    refresh_stats(&shared, &probe);
                     let dropped = shared.table().sweep(monotonic_ns());
                     if dropped > 0 {
                         tracing::debug!(dropped, "dropped stale pending connects");
@@ -379,6 +380,28 @@ impl Agent {
             Ok(r) => r.map_err(AgentError::Reader),
             Err(e) => Err(AgentError::Reader(std::io::Error::other(e))),
         }
+    }
+}
+
+/// Reads live connections' counters and request figures from the kernel maps.
+fn refresh_stats(shared: &Shared, probe: &Mutex<Probe>) {
+    use crate::conntable::{Direction, h2_key, requests_figure};
+    let tracked = shared.with_table(|t| t.tracked());
+    let updates: Vec<_> = {
+        let Ok(p) = probe.lock() else { return };
+        tracked
+            .iter()
+            .filter_map(|(key, sock, dir)| {
+                let counters = crate::event::Counters::from(&p.sock_state(*sock)?);
+                let requests = (*dir == Direction::Outbound)
+                    .then(|| requests_figure(p.h2_state(&h2_key(key)).as_ref(), &counters));
+                Some((*key, counters, requests))
+            })
+            .collect()
+    };
+    let mut table = shared.table();
+    for (key, counters, requests) in updates {
+        table.set_stats(&key, counters, requests);
     }
 }
 

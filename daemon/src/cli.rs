@@ -43,6 +43,10 @@ pub struct RunArgs {
     /// Do not scan /proc for connections that predate the daemon.
     #[arg(long)]
     pub no_recover: bool,
+    /// cgroup v2 directory whose egress traffic is scanned for HTTP/2 requests (default: the
+    /// cgroup2 mount).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
     /// Kernel BTF used to resolve struct offsets.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
     pub btf: PathBuf,
@@ -79,6 +83,7 @@ impl RunArgs {
                 sock_entries: self.sock_entries,
                 wakeup_bytes: self.wakeup_bytes,
                 btf_path: self.btf.clone(),
+                cgroup_root: self.cgroup_root.clone(),
             },
             listen: self.listen,
             poll_interval: self.poll_interval,

@@ -10,19 +10,26 @@
 //! which the daemon fills from tracefs and BTF at load time.
 #![no_std]
 #![no_main]
+// The BPF target has no compare-and-swap, so `AtomicU64::fetch_add` does not exist there; the
+// intrinsic lowers to BPF's native atomic add.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_probe_read_kernel, bpf_skb_load_bytes,
     },
-    macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    macros::{cgroup_skb, map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{SkBuffContext, TracePointContext},
 };
 use aya_log_ebpf::{debug, warn};
 use fanout_common::{
-    Config, LostReason, Record, RecordKind, SockState,
+    Config, H2Key, LostReason, Record, RecordKind, SockState,
+    h2::H2Scan,
     tcp::{AF_INET, AF_INET6, IPPROTO_TCP, classify},
 };
 
@@ -41,6 +48,11 @@ static RECORDS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 /// Socket address → owner and start time, from connect/passive open until close.
 #[map]
 static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, 0);
+
+/// HTTP/2 request counting state per connection egress direction, keyed by its addresses.
+/// LRU: connections that are not HTTP/2 leave their (unparsable) entries to be evicted.
+#[map]
+static H2: LruHashMap<H2Key, H2Scan> = LruHashMap::with_max_entries(65536, 0);
 
 /// Per-CPU loss counters, indexed by `LostReason`.
 #[map]
@@ -204,6 +216,11 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                     rec.duration_ns = rec.ts_ns - st.start_ns;
                     rec.flags |= Record::FLAG_START_KNOWN;
                 }
+                rec.flags |= Record::FLAG_COUNTERS;
+                rec.bytes_sent = st.bytes_sent;
+                rec.bytes_recv = st.bytes_recv;
+                rec.msgs_sent = st.msgs_sent;
+                rec.msgs_recv = st.msgs_recv;
                 let _ = SOCKS.remove(sk);
             }
         }
@@ -283,6 +300,143 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i32> {
     st.flags |= Record::FLAG_OWNER_KNOWN as u32;
     rec.netns = netns_of(sk, &cfg);
     emit(&rec, cfg.wakeup_bytes);
+    Ok(())
+}
+
+const MSG_PEEK: i32 = 2;
+
+#[tracepoint(category = "sock", name = "sock_send_length")]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    let _ = try_msg_length(&ctx, true);
+    0
+}
+
+#[tracepoint(category = "sock", name = "sock_recv_length")]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    let _ = try_msg_length(&ctx, false);
+    0
+}
+
+#[inline(always)]
+fn add(counter: &mut u64, n: u64) {
+    // SAFETY: `counter` is a live, aligned map value field; atomic because several CPUs may
+    // send or receive on one socket at once.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, n) };
+}
+
+/// Counts payload bytes and calls of `sock_sendmsg`/`sock_recvmsg` on tracked TCP sockets.
+fn try_msg_length(ctx: &TracePointContext, sent: bool) -> Result<(), i32> {
+    let tp = config().tp;
+    // SAFETY (read_at): offsets come from the tracepoint's own format file.
+    let protocol: u16 = unsafe { ctx.read_at(tp.msg_protocol as usize)? };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let ret: i32 = unsafe { ctx.read_at(tp.msg_ret as usize)? };
+    if ret <= 0 {
+        return Ok(());
+    }
+    if !sent {
+        let flags: i32 = unsafe { ctx.read_at(tp.msg_flags as usize)? };
+        if flags & MSG_PEEK != 0 {
+            return Ok(());
+        }
+    }
+    let sk: u64 = unsafe { ctx.read_at(tp.msg_sk as usize)? };
+    let Some(st) = SOCKS.get_ptr_mut(sk) else {
+        return Ok(());
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let st = unsafe { &mut *st };
+    if sent {
+        add(&mut st.bytes_sent, ret as u64);
+        add(&mut st.msgs_sent, 1);
+    } else {
+        add(&mut st.bytes_recv, ret as u64);
+        add(&mut st.msgs_recv, 1);
+    }
+    Ok(())
+}
+
+const IPPROTO_TCP_U8: u8 = 6;
+
+/// Counts client-initiated HTTP/2 streams (gRPC requests) in the TCP payload leaving every
+/// socket of the cgroup hierarchy. Always lets the packet through.
+#[cgroup_skb]
+pub fn h2_egress(ctx: SkBuffContext) -> i32 {
+    let _ = try_h2_egress(&ctx);
+    1
+}
+
+fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
+    let vihl: u8 = ctx.load(0)?;
+    let mut key = H2Key {
+        local: [0; 16],
+        remote: [0; 16],
+        local_port: 0,
+        remote_port: 0,
+        ip_version: vihl >> 4,
+        _pad: [0; 3],
+    };
+    let l4 = match key.ip_version {
+        4 => {
+            if ctx.load::<u8>(9)? != IPPROTO_TCP_U8 {
+                return Ok(());
+            }
+            let src: [u8; 4] = ctx.load(12)?;
+            let dst: [u8; 4] = ctx.load(16)?;
+            key.local[..4].copy_from_slice(&src);
+            key.remote[..4].copy_from_slice(&dst);
+            ((vihl & 0xf) as u32) * 4
+        }
+        6 => {
+            // Extension headers are not followed: TCP must be the next header.
+            if ctx.load::<u8>(6)? != IPPROTO_TCP_U8 {
+                return Ok(());
+            }
+            key.local = ctx.load(8)?;
+            key.remote = ctx.load(24)?;
+            40
+        }
+        _ => return Ok(()),
+    };
+    let l4 = l4 as usize;
+    key.local_port = u16::from_be(ctx.load(l4)?);
+    key.remote_port = u16::from_be(ctx.load(l4 + 2)?);
+    let seq = u32::from_be(ctx.load(l4 + 4)?);
+    let doff: u8 = ctx.load(l4 + 12)?;
+    let payload_off = l4 as u32 + ((doff >> 4) as u32) * 4;
+    let len = ctx.len();
+    if len <= payload_off {
+        return Ok(());
+    }
+    let plen = len - payload_off;
+    let st = match H2.get_ptr_mut(key) {
+        Some(p) => p,
+        None => {
+            // The first payload of a connection we have not seen: a client starts with the
+            // preface; anything else turns unparsable at once and stays so.
+            H2.insert(key, H2Scan::new(), 0)?;
+            H2.get_ptr_mut(key).ok_or(-1i64)?
+        }
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let st = unsafe { &mut *st };
+    if !st.parsable() {
+        return Ok(());
+    }
+    let skb = ctx.skb.skb;
+    st.scan_segment(seq, plen, |start, window| {
+        // SAFETY: the helper writes exactly window.len() bytes into `window`.
+        unsafe {
+            bpf_skb_load_bytes(
+                skb.cast(),
+                (payload_off as i64 + start) as u32,
+                window.as_mut_ptr().cast(),
+                window.len() as u32,
+            ) == 0
+        }
+    });
     Ok(())
 }
 

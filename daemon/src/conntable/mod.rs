@@ -13,7 +13,27 @@ use std::{
 use fanout_common::RecordKind;
 use serde::Serialize;
 
-use crate::event::{Event, Owner};
+use crate::event::{Counters, Event, Owner};
+
+/// Where a request count comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestSource {
+    /// Client-initiated HTTP/2 streams counted from the frames in the kernel.
+    H2,
+    /// Not parsable as cleartext HTTP/2 (TLS, another protocol, or opened before fanout):
+    /// messages sent stand in for requests.
+    Messages,
+}
+
+/// gRPC requests a client sent on a connection, with where the figure comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Requests {
+    pub count: u64,
+    pub source: RequestSource,
+    /// Why HTTP/2 was not parsable, when the source is messages.
+    pub unparsable: Option<&'static str>,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
 pub struct ConnKey {
@@ -62,6 +82,10 @@ pub struct Conn {
     /// For a connection to a ClusterIP: the backend address kube-proxy's DNAT chose (from
     /// conntrack), once looked up.
     pub backend: Option<SocketAddr>,
+    /// Byte and message counters (refreshed from the kernel; final once closed).
+    pub counters: Counters,
+    /// Requests sent on an outbound connection, when known.
+    pub requests: Option<Requests>,
 }
 
 /// A connect() still waiting for its handshake. The local port is often not chosen yet at
@@ -92,6 +116,50 @@ pub enum Change {
     /// A close, accept or handshake for a socket the table never knew (its earlier records were
     /// lost, or it predates the daemon and recovery missed it).
     Unmatched(RecordKind),
+}
+
+/// The kernel's HTTP/2 scanner key for the egress direction of a connection seen from `key`'s
+/// side (local address first, as the packets leaving it carry them).
+pub fn h2_key(key: &ConnKey) -> fanout_common::H2Key {
+    fn bytes(ip: std::net::IpAddr) -> ([u8; 16], u8) {
+        match ip {
+            std::net::IpAddr::V4(v4) => {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&v4.octets());
+                (b, 4)
+            }
+            std::net::IpAddr::V6(v6) => (v6.octets(), 6),
+        }
+    }
+    let (local, version) = bytes(key.local.ip());
+    let (remote, _) = bytes(key.remote.ip());
+    fanout_common::H2Key {
+        local,
+        remote,
+        local_port: key.local.port(),
+        remote_port: key.remote.port(),
+        ip_version: version,
+        _pad: [0; 3],
+    }
+}
+
+/// The request figure of an outbound connection: HTTP/2 streams while the scanner can parse the
+/// connection, otherwise the messages sent, with the reason HTTP/2 was not parsable.
+pub fn requests_figure(h2: Option<&fanout_common::h2::H2Scan>, counters: &Counters) -> Requests {
+    match h2 {
+        Some(h) if h.parsable() => Requests {
+            count: h.requests(),
+            source: RequestSource::H2,
+            unparsable: None,
+        },
+        other => Requests {
+            count: counters.msgs_sent,
+            source: RequestSource::Messages,
+            unparsable: other
+                .and_then(|h| h.unparsable_reason())
+                .map(|r| r.as_str()),
+        },
+    }
 }
 
 #[derive(Default)]
@@ -180,6 +248,8 @@ impl ConnTable {
                     owner,
                     opened_ns: Some(ev.ts_ns),
                     backend: None,
+                    counters: Counters::default(),
+                    requests: None,
                 };
                 self.insert(conn.clone());
                 Change::Opened(conn)
@@ -193,6 +263,8 @@ impl ConnTable {
                     owner: ev.owner.clone(),
                     opened_ns: Some(ev.ts_ns),
                     backend: None,
+                    counters: Counters::default(),
+                    requests: None,
                 };
                 self.insert(conn.clone());
                 Change::Opened(conn)
@@ -228,10 +300,15 @@ impl ConnTable {
                     self.remove(&k)
                 });
                 match found {
-                    Some(conn) => Change::Closed {
-                        conn,
-                        duration: ev.duration,
-                    },
+                    Some(mut conn) => {
+                        if let Some(c) = ev.counters {
+                            conn.counters = c;
+                        }
+                        Change::Closed {
+                            conn,
+                            duration: ev.duration,
+                        }
+                    }
                     None => {
                         if let Some(closed) = &mut self.closed_while_recovering {
                             closed.insert(key);
@@ -240,6 +317,34 @@ impl ConnTable {
                     }
                 }
             }
+        }
+    }
+
+    /// Live connections with a kernel socket address (the ones whose counters can be read).
+    pub fn tracked(&self) -> Vec<(ConnKey, u64, Direction)> {
+        self.conns
+            .values()
+            .filter(|c| c.sock != 0)
+            .map(|c| (c.key, c.sock, c.direction))
+            .collect()
+    }
+
+    /// Updates a live connection's counters and request figure. False when it is gone.
+    pub fn set_stats(
+        &mut self,
+        key: &ConnKey,
+        counters: Counters,
+        requests: Option<Requests>,
+    ) -> bool {
+        match self.conns.get_mut(key) {
+            Some(c) => {
+                c.counters = counters;
+                if requests.is_some() {
+                    c.requests = requests;
+                }
+                true
+            }
+            None => false,
         }
     }
 
@@ -386,6 +491,8 @@ mod tests {
             owner: None,
             opened_ns: None,
             backend: None,
+            counters: Counters::default(),
+            requests: None,
         };
         let added = t.finish_recovery([
             rec("10.0.0.2:80", "10.0.0.1:1"),
@@ -423,6 +530,50 @@ mod tests {
         let mut a = ev(RecordKind::Accepted, 1, "0.0.0.0:0", "0.0.0.0:0");
         a.owner = owner(1);
         assert!(matches!(t.apply(&a), Change::OwnerLearnt(k) if k.remote.port() == 2));
+    }
+
+    #[test]
+    fn h2_keys_put_the_local_end_first() {
+        let k = ConnKey {
+            netns: 1,
+            local: "10.0.0.1:5000".parse().unwrap(),
+            remote: "10.0.0.2:80".parse().unwrap(),
+        };
+        let h = h2_key(&k);
+        assert_eq!((h.ip_version, h.local_port, h.remote_port), (4, 5000, 80));
+        assert_eq!(&h.local[..4], &[10, 0, 0, 1]);
+        assert!(h.local[4..].iter().all(|&b| b == 0));
+        let k6 = ConnKey {
+            netns: 1,
+            local: "[fd00::1]:5000".parse().unwrap(),
+            remote: "[fd00::2]:80".parse().unwrap(),
+        };
+        assert_eq!(h2_key(&k6).ip_version, 6);
+    }
+
+    #[test]
+    fn request_figures_fall_back_to_messages_and_say_why() {
+        use fanout_common::h2::H2Scan;
+        let c = Counters {
+            msgs_sent: 7,
+            ..Default::default()
+        };
+        let r = requests_figure(None, &c);
+        assert_eq!(
+            (r.count, r.source, r.unparsable),
+            (7, RequestSource::Messages, None)
+        );
+        let fresh = H2Scan::new();
+        let r = requests_figure(Some(&fresh), &c);
+        assert_eq!((r.count, r.source), (0, RequestSource::H2));
+        let mut tls = H2Scan::new();
+        tls.scan_segment(0, 9, |_, w| {
+            *w = [0x16, 3, 1, 0, 5, 1, 0, 0, 1];
+            true
+        });
+        let r = requests_figure(Some(&tls), &c);
+        assert_eq!(r.source, RequestSource::Messages);
+        assert_eq!(r.unparsable, Some("tls"));
     }
 
     #[test]

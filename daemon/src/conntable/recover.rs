@@ -114,6 +114,8 @@ pub fn connections(netns: u32, socks: &[ProcSock], owners: &HashMap<u64, Owner>)
             owner: owners.get(&s.inode).cloned(),
             opened_ns: None,
             backend: None,
+            counters: Default::default(),
+            requests: None,
         })
         .collect()
 }

@@ -33,6 +33,28 @@ pub struct Event {
     pub owner: Option<Owner>,
     /// Connection lifetime, on close when the start was seen.
     pub duration: Option<Duration>,
+    /// Final byte and message counters, on close when the kernel tracked the socket.
+    pub counters: Option<Counters>,
+}
+
+/// Payload bytes and send/receive calls of one connection, counted in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    pub bytes_sent: u64,
+    pub bytes_recv: u64,
+    pub msgs_sent: u64,
+    pub msgs_recv: u64,
+}
+
+impl From<&fanout_common::SockState> for Counters {
+    fn from(s: &fanout_common::SockState) -> Self {
+        Counters {
+            bytes_sent: s.bytes_sent,
+            bytes_recv: s.bytes_recv,
+            msgs_sent: s.msgs_sent,
+            msgs_recv: s.msgs_recv,
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +117,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     });
     let duration =
         (rec.flags & Record::FLAG_START_KNOWN != 0).then(|| Duration::from_nanos(rec.duration_ns));
+    let counters = (rec.flags & Record::FLAG_COUNTERS != 0).then_some(Counters {
+        bytes_sent: rec.bytes_sent,
+        bytes_recv: rec.bytes_recv,
+        msgs_sent: rec.msgs_sent,
+        msgs_recv: rec.msgs_recv,
+    });
     Ok(Event {
         kind,
         ts_ns: rec.ts_ns,
@@ -104,6 +132,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         remote,
         owner,
         duration,
+        counters,
     })
 }
 
@@ -140,7 +169,9 @@ pub(crate) mod tests {
     #[test]
     fn decodes_ipv4_with_owner_and_duration() {
         let mut r = record(RecordKind::Close);
-        r.flags = Record::FLAG_OWNER_KNOWN | Record::FLAG_START_KNOWN;
+        r.flags = Record::FLAG_OWNER_KNOWN | Record::FLAG_START_KNOWN | Record::FLAG_COUNTERS;
+        r.bytes_sent = 10;
+        r.msgs_recv = 3;
         r.tgid = 42;
         r.tid = 43;
         r.comm[..4].copy_from_slice(b"curl");
@@ -158,6 +189,8 @@ pub(crate) mod tests {
             })
         );
         assert_eq!(ev.duration, Some(Duration::from_millis(1500)));
+        let c = ev.counters.unwrap();
+        assert_eq!((c.bytes_sent, c.msgs_recv), (10, 3));
     }
 
     #[test]
@@ -171,13 +204,17 @@ pub(crate) mod tests {
         assert_eq!(ev.remote, "10.244.0.3:8080".parse().unwrap());
         assert_eq!(ev.owner, None);
         assert_eq!(ev.duration, None);
+        assert_eq!(ev.counters, None);
     }
 
     #[test]
     fn rejects_bad_records() {
         let r = record(RecordKind::Connect);
         let bytes = bytemuck::bytes_of(&r);
-        assert_eq!(decode(&bytes[..95]), Err(DecodeError::Size(95)));
+        assert_eq!(
+            decode(&bytes[..Record::SIZE - 1]),
+            Err(DecodeError::Size(Record::SIZE - 1))
+        );
         let mut bad = r;
         bad.kind = 99;
         assert_eq!(decode(bytemuck::bytes_of(&bad)), Err(DecodeError::Kind(99)));

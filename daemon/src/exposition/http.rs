@@ -68,6 +68,10 @@ pub struct ConnView {
     pub age_seconds: Option<f64>,
     /// Which pod this end is and what the peer is (pod, service with backend, node, external).
     pub identity: Attribution,
+    /// Payload bytes and send/receive calls, counted in the kernel.
+    pub counters: crate::event::Counters,
+    /// Requests sent (outbound connections), with their source: `h2` or `messages`.
+    pub requests: Option<crate::conntable::Requests>,
 }
 
 impl ConnView {
@@ -81,6 +85,8 @@ impl ConnView {
             owner: c.owner.clone(),
             age_seconds: c.opened_ns.map(|t| now_ns.saturating_sub(t) as f64 / 1e9),
             identity,
+            counters: c.counters,
+            requests: c.requests,
         }
     }
 }

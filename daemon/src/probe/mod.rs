@@ -10,10 +10,10 @@ use std::path::PathBuf;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
 };
-use fanout_common::{Config, KernelOffsets, LostReason};
+use fanout_common::{Config, H2Key, KernelOffsets, LostReason, SockState, h2::H2Scan};
 
 use self::btf::{Btf, BtfError};
 use self::tracefs::TracefsError;
@@ -50,6 +50,11 @@ pub enum ProbeError {
     NoLifecycleHook,
     #[error("invalid option: {0}")]
     Option(String),
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Sizes and thresholds of the kernel side.
@@ -62,6 +67,9 @@ pub struct ProbeOptions {
     /// Wake the reader once this many bytes wait in the ring buffer.
     pub wakeup_bytes: u64,
     pub btf_path: PathBuf,
+    /// cgroup v2 directory whose subtree's egress traffic is scanned for HTTP/2 requests (None:
+    /// the cgroup2 mount found in /proc/self/mounts; no mount: requests fall back to messages).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl Default for ProbeOptions {
@@ -71,6 +79,7 @@ impl Default for ProbeOptions {
             sock_entries: 262_144,
             wakeup_bytes: 256 << 10,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+            cgroup_root: None,
         }
     }
 }
@@ -104,10 +113,14 @@ fn page_size() -> u64 {
 }
 
 /// What the kernel offers, probed at load time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capabilities {
     pub set_state_tracepoint: bool,
     pub accept_tracepoints: bool,
+    /// `sock/sock_send_length` and `sock/sock_recv_length`.
+    pub msg_tracepoints: bool,
+    /// A cgroup v2 directory to attach the HTTP/2 egress scanner to.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// Which hooks run. The lifecycle comes from `sock/inet_sock_set_state` on every supported kernel
@@ -117,6 +130,10 @@ pub struct Capabilities {
 pub struct HookPlan {
     pub lifecycle: &'static str,
     pub accept_owner: Option<&'static str>,
+    /// Byte and message counters per connection.
+    pub counters: Option<&'static str>,
+    /// Where the HTTP/2 request scanner attaches.
+    pub h2_cgroup: Option<PathBuf>,
 }
 
 impl HookPlan {
@@ -129,15 +146,29 @@ impl HookPlan {
             accept_owner: caps
                 .accept_tracepoints
                 .then_some("tracepoint:syscalls/sys_exit_accept{,4}"),
+            counters: caps
+                .msg_tracepoints
+                .then_some("tracepoint:sock/sock_{send,recv}_length"),
+            h2_cgroup: caps.cgroup_root,
         })
     }
 
     /// Short names for logs and `fanout_build_info`-style labels.
     pub fn describe(&self) -> String {
+        let mut parts = vec![self.lifecycle.to_string()];
         match self.accept_owner {
-            Some(a) => format!("{} + {}", self.lifecycle, a),
-            None => format!("{} (accepted sockets without owner)", self.lifecycle),
+            Some(a) => parts.push(a.to_string()),
+            None => parts.push("(accepted sockets without owner)".into()),
         }
+        match self.counters {
+            Some(c) => parts.push(c.to_string()),
+            None => parts.push("(no byte counters)".into()),
+        }
+        match &self.h2_cgroup {
+            Some(_) => parts.push("cgroup_skb/egress:h2".into()),
+            None => parts.push("(requests from messages)".into()),
+        }
+        parts.join(" + ")
     }
 }
 
@@ -159,6 +190,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
 pub struct Probe {
     ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
+    socks: HashMap<MapData, u64, SockState>,
+    h2: HashMap<MapData, H2Key, H2Scan>,
     /// Forwards the programs' aya-log records to `tracing`.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub plan: HookPlan,
@@ -187,11 +220,14 @@ impl Probe {
             set_state_tracepoint: tracefs::exists(&root, "sock", "inet_sock_set_state"),
             accept_tracepoints: tracefs::exists(&root, "syscalls", "sys_exit_accept4")
                 && tracefs::exists(&root, "syscalls", "sys_exit_accept"),
+            msg_tracepoints: tracefs::exists(&root, "sock", "sock_send_length")
+                && tracefs::exists(&root, "sock", "sock_recv_length"),
+            cgroup_root: opts.cgroup_root.clone().or_else(cgroup2_root),
         };
         let plan = HookPlan::choose(caps)?;
         let btf = Btf::from_file(&opts.btf_path)?;
         let config = Config {
-            tp: tracefs::layout(&root, plan.accept_owner.is_some())?,
+            tp: tracefs::layout(&root, plan.accept_owner.is_some(), plan.counters.is_some())?,
             offsets: kernel_offsets(&btf)?,
             wakeup_bytes: opts.wakeup_bytes,
         };
@@ -228,6 +264,13 @@ impl Probe {
             )?;
             attach(&mut ebpf, "sys_exit_accept", "syscalls", "sys_exit_accept")?;
         }
+        if plan.counters.is_some() {
+            attach(&mut ebpf, "sock_send_length", "sock", "sock_send_length")?;
+            attach(&mut ebpf, "sock_recv_length", "sock", "sock_recv_length")?;
+        }
+        if let Some(cg) = &plan.h2_cgroup {
+            attach_cgroup_skb(&mut ebpf, "h2_egress", cg)?;
+        }
 
         let ring = ebpf
             .take_map("RECORDS")
@@ -236,6 +279,13 @@ impl Probe {
             name: "RECORDS",
             source,
         })?;
+        let socks = ebpf.take_map("SOCKS").ok_or(ProbeError::NoMap("SOCKS"))?;
+        let socks = HashMap::try_from(socks).map_err(|source| ProbeError::Map {
+            name: "SOCKS",
+            source,
+        })?;
+        let h2 = ebpf.take_map("H2").ok_or(ProbeError::NoMap("H2"))?;
+        let h2 = HashMap::try_from(h2).map_err(|source| ProbeError::Map { name: "H2", source })?;
         let lost = ebpf.take_map("LOST").ok_or(ProbeError::NoMap("LOST"))?;
         let lost = PerCpuArray::try_from(lost).map_err(|source| ProbeError::Map {
             name: "LOST",
@@ -246,6 +296,8 @@ impl Probe {
             Probe {
                 ebpf,
                 lost,
+                socks,
+                h2,
                 logger,
                 plan,
             },
@@ -268,6 +320,16 @@ impl Probe {
                 Ok((reason, per_cpu.iter().sum()))
             })
             .collect()
+    }
+
+    /// The kernel's state of a live socket (owner, start, byte and message counters).
+    pub fn sock_state(&self, sock: u64) -> Option<SockState> {
+        self.socks.get(&sock, 0).ok()
+    }
+
+    /// The HTTP/2 scanner state of a connection's egress direction.
+    pub fn h2_state(&self, key: &H2Key) -> Option<H2Scan> {
+        self.h2.get(key, 0).ok()
     }
 
     /// Forwards pending kernel-side log records to `tracing`.
@@ -302,6 +364,49 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, category: &str, tp: &str) -> Resu
     Ok(())
 }
 
+fn attach_cgroup_skb(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &std::path::Path,
+) -> Result<(), ProbeError> {
+    let prog: &mut CgroupSkb = ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::NoProgram(name))?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| ProbeError::Program { name, source })?;
+    let dir = std::fs::File::open(cgroup).map_err(|source| ProbeError::Cgroup {
+        path: cgroup.display().to_string(),
+        source,
+    })?;
+    // aya attaches through bpf_link where the kernel has it (links to one cgroup always coexist,
+    // so another fanout or a CNI keeps working); link_create takes no attach flags, so the
+    // mode must be the default one.
+    prog.attach(
+        dir,
+        CgroupSkbAttachType::Egress,
+        CgroupAttachMode::default(),
+    )
+    .map_err(|source| ProbeError::Program { name, source })?;
+    Ok(())
+}
+
+/// The cgroup v2 mount point, from the mount table (/sys/fs/cgroup on unified hosts,
+/// /sys/fs/cgroup/unified on hybrid ones).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    cgroup2_from_mounts(&mounts)
+}
+
+pub fn cgroup2_from_mounts(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
 /// Where `ip netns` keeps named namespaces (scanned at startup besides /proc).
 pub fn default_netns_dirs() -> Vec<PathBuf> {
     ["/run/netns", "/var/run/netns"]
@@ -321,6 +426,8 @@ mod tests {
         let none = Capabilities {
             set_state_tracepoint: false,
             accept_tracepoints: true,
+            msg_tracepoints: true,
+            cgroup_root: None,
         };
         assert!(matches!(
             HookPlan::choose(none),
@@ -329,10 +436,24 @@ mod tests {
         let no_accept = Capabilities {
             set_state_tracepoint: true,
             accept_tracepoints: false,
+            msg_tracepoints: false,
+            cgroup_root: None,
         };
         let plan = HookPlan::choose(no_accept).unwrap();
         assert_eq!(plan.accept_owner, None);
         assert!(plan.describe().contains("without owner"));
+        assert!(plan.describe().contains("no byte counters"));
+        assert!(plan.describe().contains("requests from messages"));
+    }
+
+    #[test]
+    fn finds_the_cgroup2_mount() {
+        let hybrid = "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_from_mounts(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(cgroup2_from_mounts("proc /proc proc rw 0 0\n"), None);
     }
 
     #[test]

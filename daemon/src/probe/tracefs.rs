@@ -135,17 +135,31 @@ fn field(
     Ok(off)
 }
 
-/// Layout of `sock/inet_sock_set_state` from its format text, and of the accept exit tracepoint
-/// (`ret`) when its format text is given.
+/// Layout of `sock/inet_sock_set_state` from its format text, of the accept exit tracepoint
+/// (`ret`) and of `sock/sock_{send,recv}_length` when their format texts are given.
 pub fn layout_from_formats(
     set_state: &str,
     accept_exit: Option<&str>,
+    msg_length: Option<&str>,
 ) -> Result<TracepointLayout, TracefsError> {
     let tp = "sock/inet_sock_set_state";
     let f = parse_format(set_state);
     let accept_ret = match accept_exit {
         Some(text) => field(&parse_format(text), "syscalls/sys_exit_accept4", "ret", 8)?,
         None => 0,
+    };
+    let (msg_sk, msg_protocol, msg_ret, msg_flags) = match msg_length {
+        Some(text) => {
+            let m = parse_format(text);
+            let t = "sock/sock_send_length";
+            (
+                field(&m, t, "sk", 8)?,
+                field(&m, t, "protocol", 2)?,
+                field(&m, t, "ret", 4)?,
+                field(&m, t, "flags", 4)?,
+            )
+        }
+        None => (0, 0, 0, 0),
     };
     Ok(TracepointLayout {
         skaddr: field(&f, tp, "skaddr", 8)?,
@@ -160,19 +174,41 @@ pub fn layout_from_formats(
         saddr_v6: field(&f, tp, "saddr_v6", 16)?,
         daddr_v6: field(&f, tp, "daddr_v6", 16)?,
         accept_ret,
+        msg_sk,
+        msg_protocol,
+        msg_ret,
+        msg_flags,
     })
 }
 
-/// Reads both formats from tracefs. The accept tracepoints are optional (kernels without
-/// syscall tracepoints still get lifecycle records, only without the owner of accepted sockets).
-pub fn layout(root: &Path, with_accept: bool) -> Result<TracepointLayout, TracefsError> {
+/// Reads the formats from tracefs. The accept and message-length tracepoints are optional
+/// (without them, accepted sockets have no owner and connections no byte counts). The send and
+/// receive tracepoints share one event class; a kernel where they differ is refused.
+pub fn layout(
+    root: &Path,
+    with_accept: bool,
+    with_msg: bool,
+) -> Result<TracepointLayout, TracefsError> {
     let set_state = read_format(root, "sock", "inet_sock_set_state")?;
     let accept = if with_accept {
         Some(read_format(root, "syscalls", "sys_exit_accept4")?)
     } else {
         None
     };
-    layout_from_formats(&set_state, accept.as_deref())
+    let msg = if with_msg {
+        let send = read_format(root, "sock", "sock_send_length")?;
+        let recv = read_format(root, "sock", "sock_recv_length")?;
+        if parse_format(&send) != parse_format(&recv) {
+            return Err(TracefsError::NoField {
+                tp: "sock/sock_recv_length".into(),
+                field: "(layout differs from sock_send_length)".into(),
+            });
+        }
+        Some(send)
+    } else {
+        None
+    };
+    layout_from_formats(&set_state, accept.as_deref(), msg.as_deref())
 }
 
 #[cfg(test)]
@@ -206,25 +242,41 @@ format:
 \tfield:long ret;\toffset:16;\tsize:8;\tsigned:1;
 ";
 
+    const MSG: &str = "name: sock_send_length
+format:
+\tfield:void * sk;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:__u16 family;\toffset:16;\tsize:2;\tsigned:0;
+\tfield:__u16 protocol;\toffset:18;\tsize:2;\tsigned:0;
+\tfield:int ret;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:int flags;\toffset:24;\tsize:4;\tsigned:1;
+";
+
     #[test]
     fn parses_field_names_offsets_and_sizes() {
         let f = parse_format(SET_STATE);
         assert_eq!(f["skaddr"], (8, 8));
         assert_eq!(f["saddr_v6"], (40, 16));
         assert_eq!(f["common_pid"], (4, 4));
-        let l = layout_from_formats(SET_STATE, Some(ACCEPT)).unwrap();
+        let l = layout_from_formats(SET_STATE, Some(ACCEPT), Some(MSG)).unwrap();
         assert_eq!((l.sport, l.dport, l.family, l.protocol), (24, 26, 28, 30));
         assert_eq!(l.accept_ret, 16);
+        assert_eq!(
+            (l.msg_sk, l.msg_protocol, l.msg_ret, l.msg_flags),
+            (8, 18, 20, 24)
+        );
     }
 
     #[test]
     fn missing_or_resized_fields_are_errors() {
         let no_family = SET_STATE.replace("family", "fam");
-        let err = layout_from_formats(&no_family, None).unwrap_err();
+        let err = layout_from_formats(&no_family, None, None).unwrap_err();
         assert!(err.to_string().contains("`family` missing"), "{err}");
         let resized = SET_STATE.replace("offset:24;\tsize:2", "offset:24;\tsize:4");
-        let err = layout_from_formats(&resized, None).unwrap_err();
+        let err = layout_from_formats(&resized, None, None).unwrap_err();
         assert!(err.to_string().contains("size 4"), "{err}");
+        let err = layout_from_formats(SET_STATE, None, Some("field:int ret;offset:20;size:4;"))
+            .unwrap_err();
+        assert!(err.to_string().contains("`sk` missing"), "{err}");
         assert!(parse_format("garbage\nfield:;;;\nfield:int x;offset:zz;size:1;").is_empty());
     }
 }

@@ -1,0 +1,216 @@
+//! Root test of the per-connection counters kept in the kernel: exact payload bytes and send
+//! calls, gRPC requests counted from cleartext HTTP/2 frames by the cgroup_skb scanner, the
+//! fallback to messages (with the reason) for TLS, and the final counters in close records.
+
+use std::{
+    io::Write as _,
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use fanout::{
+    agent::{Agent, AgentOptions},
+    conntable::{Direction, RequestSource, Requests},
+    event::Counters,
+};
+use fanout_common::RecordKind;
+use xtask::lab;
+
+fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The writes of an h2c client making `calls` unary calls: preface, SETTINGS, then HEADERS and
+/// DATA per call on streams 1, 3, 5, …
+fn h2c_writes(calls: u32) -> Vec<Vec<u8>> {
+    let mut w = vec![
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+        frame(0x4, 0, 0, &[]),
+    ];
+    for i in 0..calls {
+        let stream = 2 * i + 1;
+        w.push(frame(
+            0x1,
+            0x4,
+            stream,
+            &[0x83, 0x86, 0x44, 0x05, b'/', b'x', b'/', b'y', 0, 0],
+        ));
+        w.push(frame(
+            0x0,
+            0x1,
+            stream,
+            &[
+                0, 0, 0, 0, 15, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+            ],
+        ));
+    }
+    w
+}
+
+fn send_all(s: &mut TcpStream, writes: &[Vec<u8>]) -> Counters {
+    let mut c = Counters::default();
+    for w in writes {
+        s.write_all(w).expect("write");
+        c.bytes_sent += w.len() as u64;
+        c.msgs_sent += 1;
+        // Keep every write its own segment, like an interactive client.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    c
+}
+
+async fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_messages_and_grpc_requests_are_counted_exactly() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root (cargo xtask test)"
+    );
+    let (lab, server) = lab::client_server(false, 4).expect("lab");
+    let agent = Agent::start(AgentOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        poll_interval: Duration::from_millis(20),
+        ..AgentOptions::default()
+    })
+    .await
+    .expect("agent starts");
+    tokio::time::timeout(Duration::from_secs(30), agent.ready())
+        .await
+        .expect("ready");
+    let mut events = agent.subscribe();
+
+    let calls = 25;
+    let h2_writes = h2c_writes(calls);
+    let tls_writes: Vec<Vec<u8>> = (0..5)
+        .map(|i| vec![0x16, 0x03, 0x01, 0x00, 0x04, i, i, i, i])
+        .collect();
+    let to = server.addr;
+    let (mut h2c, mut tls, sent_h2, sent_tls) = lab
+        .pod(0)
+        .run(move || {
+            let mut a = TcpStream::connect(to).expect("connect");
+            let mut b = TcpStream::connect(to).expect("connect");
+            a.set_nodelay(true).expect("nodelay");
+            b.set_nodelay(true).expect("nodelay");
+            let ca = send_all(&mut a, &h2_writes);
+            let cb = send_all(&mut b, &tls_writes);
+            (a, b, ca, cb)
+        })
+        .expect("lab");
+    let (h2_local, tls_local) = (
+        h2c.local_addr().expect("addr"),
+        tls.local_addr().expect("addr"),
+    );
+
+    let cn = lab.pod(0).netns_inode;
+    let sn = lab.pod(1).netns_inode;
+    let shared = agent.shared().clone();
+    let find = |netns: u32, local: Option<SocketAddr>, remote: Option<SocketAddr>| {
+        shared.with_table(|t| {
+            t.iter()
+                .find(|c| {
+                    c.key.netns == netns
+                        && local.is_none_or(|l| c.key.local == l)
+                        && remote.is_none_or(|r| c.key.remote == r)
+                })
+                .cloned()
+        })
+    };
+    let client_h2 = wait("h2c counters", || {
+        find(cn, Some(h2_local), None)
+            .filter(|c| c.counters.msgs_sent == sent_h2.msgs_sent && c.requests.is_some())
+    })
+    .await;
+    assert_eq!(client_h2.direction, Direction::Outbound);
+    assert_eq!(
+        client_h2.counters.bytes_sent, sent_h2.bytes_sent,
+        "exact bytes"
+    );
+    assert_eq!(
+        client_h2.counters.msgs_sent, sent_h2.msgs_sent,
+        "exact send calls"
+    );
+    assert_eq!(
+        client_h2.requests,
+        Some(Requests {
+            count: u64::from(calls),
+            source: RequestSource::H2,
+            unparsable: None
+        }),
+        "one request per client-initiated stream"
+    );
+
+    let client_tls = wait("tls counters", || {
+        find(cn, Some(tls_local), None)
+            .filter(|c| c.counters.msgs_sent == sent_tls.msgs_sent && c.requests.is_some())
+    })
+    .await;
+    assert_eq!(client_tls.counters.bytes_sent, sent_tls.bytes_sent);
+    assert_eq!(
+        client_tls.requests,
+        Some(Requests {
+            count: sent_tls.msgs_sent,
+            source: RequestSource::Messages,
+            unparsable: Some("tls")
+        }),
+        "not parsable: messages stand in for requests, and say why"
+    );
+
+    // The server read every byte the client sent.
+    let server_h2 = wait("server counters", || {
+        find(sn, None, Some(h2_local)).filter(|c| c.counters.bytes_recv == sent_h2.bytes_sent)
+    })
+    .await;
+    assert_eq!(server_h2.direction, Direction::Inbound);
+    assert!(server_h2.counters.msgs_recv >= 1);
+    assert_eq!(
+        server_h2.requests, None,
+        "requests are counted on the client side"
+    );
+
+    // Closing: the close records carry the final counters.
+    h2c.flush().expect("flush");
+    drop(h2c);
+    tls.flush().expect("flush");
+    drop(tls);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut closed = Vec::new();
+    while closed.len() < 2 && Instant::now() < deadline {
+        if let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_millis(200), events.recv()).await
+            && ev.kind == RecordKind::Close
+            && ev.netns == cn
+        {
+            closed.push(ev);
+        }
+    }
+    assert_eq!(closed.len(), 2, "both client connections closed");
+    for ev in closed {
+        let want = if ev.local == h2_local {
+            sent_h2
+        } else {
+            sent_tls
+        };
+        let got = ev.counters.expect("close carries counters");
+        assert_eq!(
+            (got.bytes_sent, got.msgs_sent),
+            (want.bytes_sent, want.msgs_sent)
+        );
+    }
+    agent.shutdown().await.expect("shutdown");
+}
