@@ -1,5 +1,6 @@
 //! Developer tasks for fanout, and the network-namespace lab shared by the demo and the root tests.
 pub mod bench;
+pub mod grpc;
 pub mod http;
 pub mod lab;
 pub mod setup;
