@@ -8,6 +8,7 @@
 //! [`agent`] wires the stages together; [`cli`] is the command line.
 
 pub mod agent;
+pub mod analysis;
 pub mod cli;
 pub mod conntable;
 pub mod event;
