@@ -17,6 +17,7 @@ use tokio::{
 };
 
 use crate::{
+    analysis::{self, AnalysisConfig, Analyzer, feed},
     conntable::{Change, ConnKey, ConnTable, recover},
     event::{Event, reader},
     exposition::{http, metrics::Metrics},
@@ -44,6 +45,8 @@ pub enum AgentError {
     Inventory(#[from] InventoryError),
     #[error("Kubernetes client: {0}")]
     Kube(String),
+    #[error("analysis: {0}")]
+    Analysis(#[from] analysis::ConfigError),
 }
 
 #[derive(Clone, Debug)]
@@ -61,6 +64,8 @@ pub struct AgentOptions {
     /// Network namespace whose conntrack table holds kube-proxy's NAT (the node's; None = the
     /// daemon's own).
     pub conntrack_netns: Option<PathBuf>,
+    /// Sliding window, thresholds and caps of the balance analysis.
+    pub analysis: AnalysisConfig,
 }
 
 impl Default for AgentOptions {
@@ -74,6 +79,7 @@ impl Default for AgentOptions {
             netns_dirs: crate::probe::default_netns_dirs(),
             identity: IdentitySource::None,
             conntrack_netns: None,
+            analysis: AnalysisConfig::default(),
         }
     }
 }
@@ -100,11 +106,17 @@ pub struct Shared {
     ready: AtomicBool,
     events: broadcast::Sender<Event>,
     conntrack: Mutex<Option<std::sync::mpsc::SyncSender<ConnKey>>>,
+    /// Balance per (client pod, service) over the sliding window.
+    pub analyzer: Mutex<Analyzer>,
+    /// The probe, for reading a connection's final HTTP/2 count when it closes.
+    probe: std::sync::OnceLock<Arc<Mutex<Probe>>>,
 }
 
 impl Shared {
-    fn new() -> Self {
+    fn new(analyzer: Analyzer) -> Self {
         Shared {
+            analyzer: Mutex::new(analyzer),
+            probe: std::sync::OnceLock::new(),
             table: Mutex::new(ConnTable::new()),
             metrics: Metrics::new(),
             identity: Identity::default(),
@@ -130,6 +142,11 @@ impl Shared {
                 });
             }
         }
+    }
+
+    /// The analyzer, locked. Lock order: table, then analyzer, then probe.
+    pub fn analyzer(&self) -> MutexGuard<'_, Analyzer> {
+        self.analyzer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn table(&self) -> MutexGuard<'_, ConnTable> {
@@ -161,13 +178,43 @@ impl Shared {
         let mut lookups = Vec::new();
         {
             let mut table = self.table();
+            let mut analyzer = self.analyzer();
             for ev in &batch.events {
                 let change = table.apply(ev);
-                if let Change::Opened(conn) = &change {
-                    self.identity.learn(&inv, conn);
-                    if Identity::needs_backend(&inv, conn) {
-                        lookups.push(conn.key);
+                match &change {
+                    Change::Opened(conn) => {
+                        self.identity.learn(&inv, conn);
+                        if Identity::needs_backend(&inv, conn) {
+                            lookups.push(conn.key);
+                        }
+                        if let Some(open) =
+                            feed::open_of(&self.identity, &inv, conn, ev.ts_ns, false)
+                        {
+                            analyzer.on_open(open);
+                        }
                     }
+                    Change::Closed { conn, duration } => {
+                        if let Some(id) = feed::conn_id(conn) {
+                            // The final figures: counters from the close record, requests from
+                            // the scanner state the kernel keeps after close.
+                            if conn.direction == crate::conntable::Direction::Outbound {
+                                let h2 = self.probe.get().and_then(|p| {
+                                    p.lock()
+                                        .ok()?
+                                        .h2_state(&crate::conntable::h2_key(&conn.key))
+                                });
+                                let req =
+                                    crate::conntable::requests_figure(h2.as_ref(), &conn.counters);
+                                analyzer.on_sample(
+                                    id,
+                                    ev.ts_ns,
+                                    &feed::counters_of(&conn.counters, &req),
+                                );
+                            }
+                            analyzer.on_close(id, ev.ts_ns, *duration);
+                        }
+                    }
+                    _ => {}
                 }
                 self.metrics.observe(ev.kind, &change);
             }
@@ -210,7 +257,7 @@ impl Agent {
         let (probe, ring) = tokio::task::spawn_blocking(move || Probe::load(&probe_opts))
             .await
             .map_err(|e| AgentError::Reader(std::io::Error::other(e)))??;
-        let shared = Arc::new(Shared::new());
+        let shared = Arc::new(Shared::new(Analyzer::new(opts.analysis.clone())?));
         let mut tasks = Vec::new();
         let kube = start_identity(&opts, &shared, &mut tasks).await?;
         start_conntrack(&opts, &shared);
@@ -224,6 +271,7 @@ impl Agent {
             .set(1);
         shared.metrics.set_kernel_lost(&probe.lost()?);
         let probe = Arc::new(Mutex::new(probe));
+        let _ = shared.probe.set(probe.clone());
         let (stop, stop_rx) = watch::channel(false);
 
         // Records that arrive while /proc is scanned must win over what the scan found.
@@ -253,6 +301,19 @@ impl Agent {
                             .unwrap_or_default();
                     let added = shared.table().finish_recovery(scan.conns);
                     let inv = shared.identity.snapshot();
+                    let now = monotonic_ns();
+                    let opens: Vec<_> = shared.with_table(|t| {
+                        t.iter()
+                            .filter(|c| c.origin == crate::conntable::Origin::Recovered)
+                            .filter_map(|c| feed::open_of(&shared.identity, &inv, c, now, true))
+                            .collect()
+                    });
+                    {
+                        let mut a = shared.analyzer();
+                        for o in opens {
+                            a.on_open(o);
+                        }
+                    }
                     let lookups: Vec<ConnKey> = shared.with_table(|t| {
                         t.iter()
                             .inspect(|c| shared.identity.learn(&inv, c))
@@ -399,10 +460,22 @@ fn refresh_stats(shared: &Shared, probe: &Mutex<Probe>) {
             })
             .collect()
     };
+    let now = monotonic_ns();
     let mut table = shared.table();
+    let mut analyzer = shared.analyzer();
     for (key, counters, requests) in updates {
         table.set_stats(&key, counters, requests);
+        if let (Some(req), Some(conn)) = (requests, table.get(&key))
+            && let Some(id) = feed::conn_id(conn)
+        {
+            analyzer.on_sample(id, now, &feed::counters_of(&counters, &req));
+        }
     }
+    drop(table);
+    for (service, ready) in feed::ready_backends(&shared.identity.snapshot()) {
+        analyzer.set_ready_backends(&service, ready, now);
+    }
+    analyzer.gc(now);
 }
 
 /// Loads the identity source and keeps the shared identity up to date.
@@ -529,7 +602,18 @@ fn start_conntrack(opts: &AgentOptions, shared: &Arc<Shared>) {
                 let Some(shared) = weak.upgrade() else { return };
                 match ct.reply_tuple(Tuple::new(key.local, key.remote)) {
                     Ok(Some(reply)) => {
-                        shared.table().set_backend(&key, reply.src);
+                        let inv = shared.identity.snapshot();
+                        let mut table = shared.table();
+                        if table.set_backend(&key, reply.src)
+                            && let Some(conn) = table.get(&key)
+                            && let (Some(id), Some(backend)) = (
+                                feed::conn_id(conn),
+                                feed::backend_of(&shared.identity, &inv, conn),
+                            )
+                        {
+                            shared.analyzer().on_backend(id, backend, monotonic_ns());
+                        }
+                        drop(table);
                         shared.metrics.conntrack_lookup("found");
                     }
                     Ok(None) => shared.metrics.conntrack_lookup("missing"),

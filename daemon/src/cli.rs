@@ -69,6 +69,9 @@ pub struct RunArgs {
     /// This node's name (Downward API), to tell this node's pods from the rest.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// Sliding window of the balance analysis (fan-out, skew, churn, verdicts).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub window: Duration,
     /// Network namespace whose conntrack table holds kube-proxy's NAT (default: the daemon's
     /// own, which is the node's when it runs with hostNetwork).
     #[arg(long)]
@@ -102,6 +105,10 @@ impl RunArgs {
                 (None, false) => IdentitySource::None,
             },
             conntrack_netns: self.conntrack_netns.clone(),
+            analysis: crate::analysis::AnalysisConfig {
+                window: self.window,
+                ..Default::default()
+            },
         }
     }
 }

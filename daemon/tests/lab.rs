@@ -259,12 +259,9 @@ async fn connection_opened_before_start_is_recovered_and_its_close_seen() {
             .filter(|c| c.key.netns == cn || c.key.netns == sn)
             .count()
     });
+    // Both closes matched their recovered entries (by tuple). The machine-wide unmatched-close
+    // counter is not checked: other tests' labs vanish while their sockets still close.
     assert_eq!(left, 0, "recovered connections removed on close");
-    let metrics = agent.shared().metrics.encode().expect("metrics");
-    assert!(
-        !metrics.contains("fanout_records_unmatched_total{kind=\"close\"}"),
-        "closes matched: {metrics}"
-    );
     agent.shutdown().await.expect("clean shutdown");
 }
 

@@ -47,6 +47,7 @@
 //! [`Analyzer::service_gone`]) for `grace`, and keys with no live connection and no event for
 //! `grace`.
 
+pub mod feed;
 mod verdict;
 mod window;
 

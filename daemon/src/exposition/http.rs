@@ -4,7 +4,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    extract::{Path, Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -23,6 +23,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/connections", get(connections))
+        .route("/services/{namespace}/{name}/balance", get(service_balance))
         .fallback(not_found)
         .with_state(shared)
 }
@@ -125,4 +126,36 @@ async fn connections(
     });
     out.sort_by(|a, b| (a.netns, &a.local, &a.remote).cmp(&(b.netns, &b.local, &b.remote)));
     Json(out).into_response()
+}
+
+/// Per client pod of a service: ready versus connected backends, requests per backend, skew,
+/// verdict and reason, over the sliding window.
+async fn service_balance(
+    State(shared): State<Arc<Shared>>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    let service = crate::identity::model::ObjectRef::new(&namespace, &name);
+    let known = shared
+        .identity
+        .snapshot()
+        .service(&namespace, &name)
+        .is_some();
+    let now = crate::agent::monotonic_ns();
+    let balances: Vec<_> = shared
+        .analyzer()
+        .evaluate(now)
+        .into_iter()
+        .filter(|b| b.service == service)
+        .collect();
+    if !known && balances.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("unknown service {namespace}/{name}"),
+        );
+    }
+    Json(serde_json::json!({
+        "service": service,
+        "clients": balances,
+    }))
+    .into_response()
 }

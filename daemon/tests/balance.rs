@@ -1,0 +1,146 @@
+//! Root end-to-end test of the balance verdicts with real gRPC clients (h2c) in a lab: three
+//! client pods call the same three backends of a headless service side by side — one with
+//! round_robin, one with pick_first, one dialling per request — and fanout's balance for each
+//! (client pod, service) must carry the right verdict, with requests counted from HTTP/2.
+
+use std::{net::SocketAddr, time::Duration};
+
+use fanout::{
+    agent::{Agent, AgentOptions},
+    analysis::{AnalysisConfig, Verdict},
+    identity::IdentitySource,
+};
+use xtask::{
+    grpc::{GrpcServer, Policy, ServerOptions, Target, run_client},
+    http,
+    lab::Lab,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root (cargo xtask test)"
+    );
+    // pod0..2: clients; pod3..5: backends.
+    let lab = Lab::new(6).expect("lab");
+    let servers: Vec<GrpcServer> = (3..6)
+        .map(|i| {
+            let p = lab.pod(i);
+            GrpcServer::start(
+                p,
+                p.addr(false, 8080),
+                ServerOptions::new(format!("api-{i}")),
+            )
+            .expect("server")
+        })
+        .collect();
+    let backends: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+
+    let mut y = String::from("pods:\n");
+    for (i, name) in ["rr", "pf", "dial"].iter().enumerate() {
+        y.push_str(&format!(
+            "  - {{name: {name}, namespace: shop, ip: {}}}\n",
+            lab.pod(i).ipv4
+        ));
+    }
+    for i in 3..6 {
+        y.push_str(&format!(
+            "  - {{name: api-{i}, namespace: shop, ip: {}, labels: {{app: api}}}}\n",
+            lab.pod(i).ipv4
+        ));
+    }
+    y.push_str("services:\n  - {name: api, namespace: shop, headless: true, ports: [{port: 8080}], selector: {app: api}}\n");
+    let dir = std::env::temp_dir().join(format!("fanout-balance-{}", lab.prefix));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let inv = dir.join("inventory.yaml");
+    std::fs::write(&inv, y).expect("inventory");
+
+    let window = Duration::from_secs(4);
+    let agent = Agent::start(AgentOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        poll_interval: Duration::from_millis(20),
+        identity: IdentitySource::Local {
+            path: inv,
+            reload_every: Duration::from_secs(1),
+        },
+        analysis: AnalysisConfig {
+            window,
+            ..AnalysisConfig::default()
+        },
+        ..AgentOptions::default()
+    })
+    .await
+    .expect("agent starts");
+    tokio::time::timeout(Duration::from_secs(30), agent.ready())
+        .await
+        .expect("ready");
+
+    // About 9 s of calls from each client at once; the balance is read while they still run,
+    // once more than a whole 4 s window has passed.
+    let pace = Duration::from_millis(40);
+    let runs: Vec<_> = [
+        Policy::RoundRobin,
+        Policy::PickFirst,
+        Policy::DialPerRequest,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, policy)| {
+        let pod = lab.pod(i).clone();
+        let target = Target::Addrs(backends.clone());
+        std::thread::spawn(move || {
+            run_client(&pod, policy, target, 220, pace, Duration::from_secs(30))
+        })
+    })
+    .collect();
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    let (code, body) = http::get(agent.http_addr(), "/services/shop/api/balance").expect("GET");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let clients = v["clients"].as_array().expect("clients");
+    let verdict_of = |client: &str| -> (String, serde_json::Value) {
+        let b = clients
+            .iter()
+            .find(|b| b["client"]["name"] == client)
+            .unwrap_or_else(|| panic!("no balance for {client}: {body}"));
+        (b["verdict"].as_str().unwrap_or("").to_string(), b.clone())
+    };
+    let (rr, rr_b) = verdict_of("rr");
+    assert_eq!(rr, Verdict::RoundRobin.as_str(), "{rr_b:#}");
+    assert_eq!(rr_b["ready"], 3);
+    assert_eq!(rr_b["connected"], 3);
+    assert_eq!(rr_b["source"], "h2", "requests counted from HTTP/2 frames");
+    assert_eq!(
+        rr_b["ports_stable"], true,
+        "the same 3 connections throughout"
+    );
+    let (pf, pf_b) = verdict_of("pf");
+    assert_eq!(pf, Verdict::PickFirst.as_str(), "{pf_b:#}");
+    assert_eq!(pf_b["connected"], 1);
+    assert!(
+        pf_b["reason"].as_str().unwrap_or("").contains("api-3"),
+        "the reason names the pinned backend: {pf_b:#}"
+    );
+    let (dial, dial_b) = verdict_of("dial");
+    assert_eq!(dial, Verdict::DialPerRequest.as_str(), "{dial_b:#}");
+
+    let reports: Vec<_> = runs
+        .into_iter()
+        .map(|t| t.join().expect("client thread").expect("client"))
+        .collect();
+    for r in &reports {
+        assert_eq!(r.succeeded, 220, "{r:?}");
+    }
+
+    // Unknown service: a JSON 404.
+    let (code, body) = http::get(agent.http_addr(), "/services/shop/nope/balance").expect("GET");
+    assert_eq!(code, 404);
+    assert!(body.contains("unknown service"), "{body}");
+
+    agent.shutdown().await.expect("shutdown");
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
+}
