@@ -127,6 +127,39 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
     let (dial, dial_b) = verdict_of("dial");
     assert_eq!(dial, Verdict::DialPerRequest.as_str(), "{dial_b:#}");
 
+    // The peers API, for the round_robin client, while its connections are live.
+    let (code, body) = http::get(agent.http_addr(), "/pods/shop/rr/peers").expect("GET");
+    assert_eq!(code, 200, "{body}");
+    let peers: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let list = peers["peers"].as_array().expect("peers");
+    let backend_peers: Vec<&serde_json::Value> = list
+        .iter()
+        .filter(|p| p["peer"]["kind"] == "pod" && p["peer"]["service"]["name"] == "api")
+        .collect();
+    assert_eq!(backend_peers.len(), 3, "one peer per backend: {peers:#}");
+    for p in &backend_peers {
+        let conns = p["connections"].as_array().expect("connections");
+        assert_eq!(conns.len(), 1, "one reused connection per backend: {p:#}");
+        assert_eq!(conns[0]["requests"]["source"], "h2");
+        assert!(conns[0]["requests"]["count"].as_u64().unwrap_or(0) > 0);
+    }
+    assert_eq!(peers["services"][0]["verdict"], "round_robin", "{peers:#}");
+    let (code, same) = http::get(agent.http_addr(), "/pods/rr/peers?namespace=shop").expect("GET");
+    assert_eq!(code, 200);
+    let same: serde_json::Value = serde_json::from_str(&same).expect("json");
+    assert_eq!(same["pod"], peers["pod"]);
+    for (path, want) in [
+        ("/pods/nope/peers", 404),
+        ("/pods/shop/nope/peers", 404),
+        ("/pods/shop/Bad_Name/peers", 400),
+        ("/pods/rr/peers?colour=red", 400),
+        ("/pods/shop/rr/peers?namespace=x", 400),
+    ] {
+        let (code, body) = http::get(agent.http_addr(), path).expect("GET");
+        assert_eq!(code, want, "{path}: {body}");
+        assert!(body.contains("\"error\""), "{path}: {body}");
+    }
+
     let reports: Vec<_> = runs
         .into_iter()
         .map(|t| t.join().expect("client thread").expect("client"))

@@ -119,8 +119,8 @@ fn binary_serves_endpoints_and_detaches_on_sigterm() {
     );
     for name in [
         "fanout_records_total{kind=\"established\"}",
-        "fanout_connections_opened_total{direction=\"outbound\"}",
-        "fanout_connections_active ",
+        "fanout_tcp_connections_opened_total{direction=\"outbound\"}",
+        "fanout_tcp_connections_active ",
         "fanout_events_lost_total{reason=\"ring_full\"} 0",
         "fanout_build_info{",
     ] {

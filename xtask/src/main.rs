@@ -389,7 +389,7 @@ fn show(daemon: &Daemon, lab_netns: &std::collections::HashSet<u32>) -> Result<(
     );
     let (_, metrics) = http::get(daemon.addr, "/metrics")?;
     for line in metrics.lines().filter(|l| {
-        l.starts_with("fanout_connections_")
+        l.starts_with("fanout_tcp_connections_")
             || l.starts_with("fanout_connect_failed")
             || l.starts_with("fanout_events_lost")
             || l.starts_with("fanout_conntrack_lookups")

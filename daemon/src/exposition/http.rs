@@ -24,6 +24,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/connections", get(connections))
         .route("/services/{namespace}/{name}/balance", get(service_balance))
+        .route("/pods/{name}/peers", get(pod_peers_default_ns))
+        .route("/pods/{namespace}/{name}/peers", get(pod_peers))
         .fallback(not_found)
         .with_state(shared)
 }
@@ -156,6 +158,146 @@ async fn service_balance(
     Json(serde_json::json!({
         "service": service,
         "clients": balances,
+    }))
+    .into_response()
+}
+
+/// A Kubernetes object name or namespace: DNS-1123 characters, at most 253.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+async fn pod_peers_default_ns(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let mut namespace = "default".to_string();
+    for (k, v) in q {
+        match k.as_str() {
+            "namespace" => namespace = v,
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown query parameter {other:?} (known: namespace)"),
+                );
+            }
+        }
+    }
+    peers_of(&shared, &namespace, &name)
+}
+
+async fn pod_peers(
+    State(shared): State<Arc<Shared>>,
+    Path((namespace, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(k) = q.keys().next() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown query parameter {k:?} (the namespace is in the path)"),
+        );
+    }
+    peers_of(&shared, &namespace, &name)
+}
+
+#[derive(Serialize)]
+struct PeerConn {
+    local_port: u16,
+    direction: Direction,
+    state: &'static str,
+    origin: Origin,
+    age_seconds: Option<f64>,
+    counters: crate::event::Counters,
+    requests: Option<crate::conntable::Requests>,
+}
+
+#[derive(Serialize)]
+struct PeerView {
+    peer: crate::identity::attribution::Peer,
+    remote: String,
+    connections: Vec<PeerConn>,
+}
+
+/// Every peer of a pod (pod, service, node or external; IP and port) with its connections, and
+/// the balance verdict per service the pod calls.
+fn peers_of(shared: &Shared, namespace: &str, name: &str) -> Response {
+    for (what, v) in [("namespace", namespace), ("pod name", name)] {
+        if !valid_name(v) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{what} {v:?} is not a valid Kubernetes name"),
+            );
+        }
+    }
+    let inv = shared.identity.snapshot();
+    if inv.pod(namespace, name).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("unknown pod {namespace}/{name}"),
+        );
+    }
+    let now = crate::agent::monotonic_ns();
+    let mut peers: Vec<PeerView> = Vec::new();
+    shared.with_table(|t| {
+        for c in t.iter() {
+            let at = shared.identity.attribute(&inv, c);
+            let crate::identity::attribution::LocalEnd::Pod(me) = &at.local else {
+                continue;
+            };
+            if me.namespace != namespace || me.name != name {
+                continue;
+            }
+            let remote = c.key.remote.to_string();
+            let conn = PeerConn {
+                local_port: c.key.local.port(),
+                direction: c.direction,
+                state: "established",
+                origin: c.origin,
+                age_seconds: c.opened_ns.map(|t| now.saturating_sub(t) as f64 / 1e9),
+                counters: c.counters,
+                requests: c.requests,
+            };
+            match peers
+                .iter_mut()
+                .find(|p| p.remote == remote && p.peer == at.peer)
+            {
+                Some(p) => p.connections.push(conn),
+                None => peers.push(PeerView {
+                    peer: at.peer.clone(),
+                    remote,
+                    connections: vec![conn],
+                }),
+            }
+        }
+    });
+    peers.sort_by(|a, b| a.remote.cmp(&b.remote));
+    let client = crate::identity::model::ObjectRef::new(namespace, name);
+    let services: Vec<_> = shared
+        .analyzer()
+        .evaluate(now)
+        .into_iter()
+        .filter(|b| b.client == client)
+        .map(|b| {
+            serde_json::json!({
+                "service": b.service,
+                "verdict": b.verdict,
+                "reason": b.reason,
+                "ready": b.ready,
+                "connected": b.connected,
+                "coverage": b.coverage,
+                "skew": b.skew,
+                "requests_per_backend": b.requests_per_backend,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({
+        "pod": client,
+        "peers": peers,
+        "services": services,
     }))
     .into_response()
 }

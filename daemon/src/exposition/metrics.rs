@@ -90,13 +90,13 @@ impl Metrics {
         );
         let opened = Family::<DirectionLabels, Counter>::default();
         registry.register(
-            "fanout_connections_opened",
+            "fanout_tcp_connections_opened",
             "TCP connections that established, by direction",
             opened.clone(),
         );
         let closed = Family::<DirectionLabels, Counter>::default();
         registry.register(
-            "fanout_connections_closed",
+            "fanout_tcp_connections_closed",
             "Known TCP connections that closed, by direction",
             closed.clone(),
         );
@@ -108,13 +108,13 @@ impl Metrics {
         );
         let active = Gauge::default();
         registry.register(
-            "fanout_connections_active",
+            "fanout_tcp_connections_active",
             "TCP connections currently in the connection table",
             active.clone(),
         );
         let duration = Histogram::new(exponential_buckets(0.001, 4.0, 12));
         registry.register(
-            "fanout_connection_duration_seconds",
+            "fanout_tcp_connection_duration_seconds",
             "Lifetime of closed connections whose start was traced",
             duration.clone(),
         );
@@ -132,7 +132,7 @@ impl Metrics {
         );
         let recovered = Counter::default();
         registry.register(
-            "fanout_connections_recovered",
+            "fanout_tcp_connections_recovered",
             "Connections found at startup that predate the daemon",
             recovered.clone(),
         );
