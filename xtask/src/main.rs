@@ -216,12 +216,115 @@ fn demo_inventory(lab: &Lab) -> String {
             lab.pod(i).ipv6
         ));
     }
+    for (i, name) in DEMO_CLIENTS.iter().enumerate() {
+        y.push_str(&format!(
+            "  - {{name: {name}, namespace: shop, ip: {}, workload: Deployment/{name}}}\n",
+            lab.pod(4 + i).ipv4
+        ));
+    }
     y.push_str(
         "services:\n\
          \x20 - {name: pricing, namespace: shop, cluster_ip: 10.96.0.10, ports: [{port: 80, target_port: 8080, name: grpc}], selector: {app: pricing}}\n\
-         \x20 - {name: pricing-headless, namespace: shop, headless: true, ports: [{port: 8081}], selector: {app: pricing}}\n",
+         \x20 - {name: pricing-headless, namespace: shop, headless: true, ports: [{port: 8081}], selector: {app: pricing}}\n\
+         \x20 - {name: pricing-grpc, namespace: shop, headless: true, ports: [{port: 9090}], selector: {app: pricing}}\n",
     );
     y
+}
+
+/// The demo's gRPC clients (pods 4..6), one per load-balancing behaviour.
+const DEMO_CLIENTS: [&str; 3] = ["checkout", "cart", "search"];
+
+/// Runs the three gRPC clients side by side against shop/pricing-grpc and prints fanout's
+/// verdict for each.
+fn demo_grpc(lab: &Lab, daemon: &Daemon) -> Result<()> {
+    use xtask::grpc::{GrpcServer, Policy, ServerOptions, Target, run_client};
+    println!();
+    println!(
+        "== gRPC: checkout (round_robin), cart (pick_first) and search (a dial per call) call \
+         shop/pricing-grpc on its three pods"
+    );
+    let servers: Vec<GrpcServer> = (1..=3)
+        .map(|i| {
+            let p = lab.pod(i);
+            GrpcServer::start(
+                p,
+                p.addr(false, 9090),
+                ServerOptions::new(format!("pricing-{i}")),
+            )
+        })
+        .collect::<Result<_>>()?;
+    let backends: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let runs: Vec<_> = [
+        Policy::RoundRobin,
+        Policy::PickFirst,
+        Policy::DialPerRequest,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, policy)| {
+        let pod = lab.pod(4 + i).clone();
+        let target = Target::Addrs(backends.clone());
+        std::thread::spawn(move || {
+            run_client(
+                &pod,
+                policy,
+                target,
+                220,
+                Duration::from_millis(40),
+                Duration::from_secs(30),
+            )
+        })
+    })
+    .collect();
+    // More than one 5 s analysis window of traffic, read while the clients still call.
+    std::thread::sleep(Duration::from_millis(6500));
+    let (code, body) = http::get(daemon.addr, "/services/shop/pricing-grpc/balance")?;
+    if code != 200 {
+        bail!("/services/shop/pricing-grpc/balance answered {code}: {body}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    println!();
+    println!(
+        "{:<16} {:<18} {:>5} {:>9} {:<28} {:>5}  REASON",
+        "CLIENT", "VERDICT", "READY", "CONNECTED", "REQUESTS PER BACKEND", "SKEW"
+    );
+    for b in v["clients"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let per: Vec<String> = b["requests_per_backend"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, n)| format!("{}={n}", k.trim_start_matches("pricing-")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<16} {:<18} {:>5} {:>9} {:<28} {:>5}  {}",
+            format!("shop/{}", b["client"]["name"].as_str().unwrap_or("?")),
+            b["verdict"].as_str().unwrap_or("?"),
+            b["ready"].to_string(),
+            b["connected"].to_string(),
+            per.join(" "),
+            b["skew"]
+                .as_f64()
+                .map(|s| format!("{s:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            b["reason"].as_str().unwrap_or("")
+        );
+    }
+    for r in runs {
+        let report = r
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        if report.failed() > 0 {
+            bail!("a demo client had failed calls: {:?}", report.errors);
+        }
+    }
+    println!(
+        "   (GET http://{}/services/shop/pricing-grpc/balance and /pods/shop/checkout/peers)",
+        daemon.addr
+    );
+    drop(servers);
+    Ok(())
 }
 
 fn demo(watch: Duration) -> Result<()> {
@@ -234,7 +337,7 @@ fn demo(watch: Duration) -> Result<()> {
         "== creating a lab: shop/frontend (pod0) calls shop/pricing-1..3 (pod1..pod3) through the \
          ClusterIP service shop/pricing and directly through shop/pricing-headless"
     );
-    let lab = Lab::new(4)?;
+    let lab = Lab::new(4 + DEMO_CLIENTS.len())?;
     let mut servers = Vec::new();
     for i in 1..=3 {
         let pod = lab.pod(i);
@@ -270,6 +373,8 @@ fn demo(watch: Duration) -> Result<()> {
             inventory.as_os_str(),
             "--conntrack-netns".as_ref(),
             lab.node_netns_path().as_os_str(),
+            "--window".as_ref(),
+            "5s".as_ref(),
         ],
     )?;
     println!("   serving http://{}/metrics and /connections", daemon.addr);
@@ -286,7 +391,7 @@ fn demo(watch: Duration) -> Result<()> {
     println!("   {} short connections opened and closed", short.len());
 
     let lab_netns: std::collections::HashSet<u32> =
-        lab.pods.iter().map(|p| p.netns_inode).collect();
+        lab.pods[..4].iter().map(|p| p.netns_inode).collect();
     let end = Instant::now() + watch;
     loop {
         std::thread::sleep(Duration::from_millis(500));
@@ -296,6 +401,7 @@ fn demo(watch: Duration) -> Result<()> {
         }
         std::thread::sleep(Duration::from_secs(2));
     }
+    demo_grpc(&lab, &daemon)?;
     drop(held);
     drop(daemon);
     drop(servers);
