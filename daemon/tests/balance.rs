@@ -177,3 +177,153 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
     drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A lab agent on an inventory with one client pod (`client`, pod0) and `backends` pods behind
+/// the headless service shop/api; returns the agent and the gRPC servers.
+async fn client_and_backends(
+    lab: &Lab,
+    backends: usize,
+    window: Duration,
+    server: impl Fn(usize) -> ServerOptions,
+) -> (Agent, Vec<GrpcServer>, std::path::PathBuf) {
+    let servers: Vec<GrpcServer> = (1..=backends)
+        .map(|i| {
+            let p = lab.pod(i);
+            GrpcServer::start(p, p.addr(false, 8080), server(i)).expect("server")
+        })
+        .collect();
+    let mut y = format!(
+        "pods:\n  - {{name: client, namespace: shop, ip: {}}}\n",
+        lab.pod(0).ipv4
+    );
+    for i in 1..=backends {
+        y.push_str(&format!(
+            "  - {{name: api-{i}, namespace: shop, ip: {}, labels: {{app: api}}}}\n",
+            lab.pod(i).ipv4
+        ));
+    }
+    y.push_str("services:\n  - {name: api, namespace: shop, headless: true, ports: [{port: 8080}], selector: {app: api}}\n");
+    let dir = std::env::temp_dir().join(format!("fanout-balance-{}", lab.prefix));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let inv = dir.join("inventory.yaml");
+    std::fs::write(&inv, y).expect("inventory");
+    let agent = Agent::start(AgentOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        poll_interval: Duration::from_millis(20),
+        identity: IdentitySource::Local {
+            path: inv,
+            reload_every: Duration::from_secs(1),
+        },
+        analysis: AnalysisConfig {
+            window,
+            ..AnalysisConfig::default()
+        },
+        ..AgentOptions::default()
+    })
+    .await
+    .expect("agent starts");
+    tokio::time::timeout(Duration::from_secs(30), agent.ready())
+        .await
+        .expect("ready");
+    (agent, servers, dir)
+}
+
+fn balance_of(agent: &Agent, client: &str) -> serde_json::Value {
+    let (code, body) = http::get(agent.http_addr(), "/services/shop/api/balance").expect("GET");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    v["clients"]
+        .as_array()
+        .and_then(|c| c.iter().find(|b| b["client"]["name"] == client).cloned())
+        .unwrap_or_else(|| panic!("no balance for {client}: {body}"))
+}
+
+/// A round_robin client whose resolver answered before two of the four ready backends existed:
+/// it never connects to them while its connections stay up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_resolver_is_flagged_with_the_backends_it_never_found() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root (cargo xtask test)"
+    );
+    let lab = Lab::new(5).expect("lab");
+    let (agent, servers, dir) = client_and_backends(&lab, 4, Duration::from_secs(3), |i| {
+        ServerOptions::new(format!("api-{i}"))
+    })
+    .await;
+    let resolved: Vec<SocketAddr> = servers[..2].iter().map(|s| s.addr).collect();
+    let pod = lab.pod(0).clone();
+    let run = std::thread::spawn(move || {
+        let target = Target::Resolver(std::sync::Arc::new(move || resolved.clone()));
+        run_client(
+            &pod,
+            Policy::RoundRobin,
+            target,
+            200,
+            Duration::from_millis(40),
+            Duration::from_secs(30),
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(6000)).await;
+    let b = balance_of(&agent, "client");
+    assert_eq!(b["verdict"], Verdict::StaleResolver.as_str(), "{b:#}");
+    let reason = b["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("api-3") && reason.contains("api-4"),
+        "{reason}"
+    );
+    assert_eq!(
+        (b["ready"].as_u64(), b["connected"].as_u64()),
+        (Some(4), Some(2))
+    );
+    let report = run.join().expect("thread").expect("client");
+    assert_eq!(report.succeeded, 200);
+    assert_eq!(servers[2].stats().calls + servers[3].stats().calls, 0);
+    agent.shutdown().await.expect("shutdown");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Servers that rotate connections (MaxConnectionAge) make a round_robin client reconnect every
+/// second: churn with long-lived connections is round_robin, not a dial per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connection_age_rotation_is_not_dial_per_request() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root (cargo xtask test)"
+    );
+    let lab = Lab::new(4).expect("lab");
+    let (agent, servers, dir) = client_and_backends(&lab, 3, Duration::from_secs(4), |i| {
+        let mut o = ServerOptions::new(format!("api-{i}"));
+        o.max_connection_age = Some(Duration::from_millis(1200));
+        o
+    })
+    .await;
+    let backends: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let pod = lab.pod(0).clone();
+    let run = std::thread::spawn(move || {
+        run_client(
+            &pod,
+            Policy::RoundRobin,
+            Target::Addrs(backends),
+            220,
+            Duration::from_millis(40),
+            Duration::from_secs(30),
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    let b = balance_of(&agent, "client");
+    assert_eq!(b["verdict"], Verdict::RoundRobin.as_str(), "{b:#}");
+    assert!(
+        b["opens"].as_u64().unwrap_or(0) >= 3,
+        "connections rotated: {b:#}"
+    );
+    let report = run.join().expect("thread").expect("client");
+    assert_eq!(report.succeeded, 220);
+    assert!(servers.iter().map(|s| s.stats().goaways).sum::<u64>() >= 3);
+    agent.shutdown().await.expect("shutdown");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -43,9 +43,10 @@ fn inventory(lab: &Lab) -> String {
         ));
     }
     // The node's own address, as a hostNetwork pod would have it.
-    y.push_str(
-        "  - {name: node-agent, namespace: kube-system, ip: 10.244.0.1, host_network: true}\n",
-    );
+    y.push_str(&format!(
+        "  - {{name: node-agent, namespace: kube-system, ip: {}, host_network: true}}\n",
+        lab.gateway().ipv4
+    ));
     y.push_str(&format!(
         "services:\n  - {{name: stock, namespace: shop, headless: true, ports: [{{port: 8080}}], selector: {{app: stock}}}}\n  - {{name: pricing, namespace: shop, cluster_ip: {}, ports: [{{port: 80, target_port: 8080, name: grpc}}], selector: {{app: pricing}}}}\n",
         VIP.split(':').next().unwrap_or_default()
@@ -108,13 +109,7 @@ async fn every_connection_names_client_service_and_backend() {
     for s in &servers[..3] {
         held.extend(lab::hold(&client, s.addr, 1).expect("direct conn"));
     }
-    let node = lab::Pod {
-        name: "node".into(),
-        netns: lab.node.clone(),
-        netns_inode: lab.node_inode,
-        ipv4: "10.244.0.1".parse().expect("ip"),
-        ipv6: "fd00:244::1".parse().expect("ip"),
-    };
+    let node = lab.gateway();
     let from_node = lab::hold(&node, servers[0].addr, 1).expect("node conn");
 
     // Which backend pod accepted each client address, from the servers themselves.

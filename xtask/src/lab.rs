@@ -1,6 +1,6 @@
 //! Network-namespace lab: N "pods" (network namespaces) joined by veth pairs to a bridge inside a
-//! lab "node" namespace. Addresses exist only inside the lab's namespaces (10.244.0.0/24 and
-//! fd00:244::/64), so lab traffic never leaves them.
+//! lab "node" namespace. Addresses exist only inside the lab's namespaces (10.244.S.0/24 and
+//! fd00:244:S::/64, S unique per lab of a process), so lab traffic never leaves them.
 //!
 //! Every lab gets a unique name prefix (`fo<pid>x<n>`). Dropping the [`Lab`] deletes its namespaces
 //! (also on panic unwinding); a lab whose creating process died without cleaning up (SIGKILL) is
@@ -54,6 +54,9 @@ pub struct Pod {
 
 pub struct Lab {
     pub prefix: String,
+    /// The lab's /24 is 10.244.`subnet`.0/24 (and fd00:244:`subnet`::/64): labs made by one
+    /// process at the same time never share pod IPs, like pods of one cluster.
+    pub subnet: u8,
     /// The node namespace holding the bridge.
     pub node: String,
     pub node_inode: u32,
@@ -121,18 +124,21 @@ pub fn sweep(all: bool) -> Vec<String> {
 static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
 
 impl Lab {
-    /// Creates a lab with `pods` pod namespaces. Pod `i` gets 10.244.0.(i+2)/24 and
-    /// fd00:244::(i+2)/64.
+    /// Creates a lab with `pods` pod namespaces. Pod `i` gets 10.244.S.(i+2)/24 and
+    /// fd00:244:S::(i+2)/64, where S is the lab's [`Lab::subnet`]; the node is .1 ([`Lab::gateway`]).
     pub fn new(pods: usize) -> Result<Lab, LabError> {
         sweep(false);
-        let prefix = format!(
-            "{PREFIX}{}x{}",
-            std::process::id(),
-            LAB_SEQ.fetch_add(1, Ordering::Relaxed)
+        let seq = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{PREFIX}{}x{seq}", std::process::id());
+        let subnet = (seq % 256) as u8;
+        let (gw4, gw6) = (
+            Ipv4Addr::new(10, 244, subnet, 1),
+            Ipv6Addr::new(0xfd00, 0x244, u16::from(subnet), 0, 0, 0, 0, 1),
         );
         let node = format!("{prefix}-node");
         let mut lab = Lab {
             prefix: prefix.clone(),
+            subnet,
             node: node.clone(),
             node_inode: 0,
             pods: Vec::new(),
@@ -148,13 +154,21 @@ impl Lab {
         // The bridge is the pods' gateway, so that traffic to service IPs goes through the node
         // namespace, and bridged traffic passes iptables (br_netfilter) like on a kubenet node:
         // that is what lets DNAT'ed replies between pods on one bridge be un-NATed.
-        ip(&["-n", &node, "addr", "add", "10.244.0.1/24", "dev", "br0"])?;
         ip(&[
             "-n",
             &node,
             "addr",
             "add",
-            "fd00:244::1/64",
+            &format!("{gw4}/24"),
+            "dev",
+            "br0",
+        ])?;
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{gw6}/64"),
             "dev",
             "br0",
             "nodad",
@@ -163,8 +177,8 @@ impl Lab {
             name: "node".into(),
             netns: node.clone(),
             netns_inode: lab.node_inode,
-            ipv4: Ipv4Addr::new(10, 244, 0, 1),
-            ipv6: Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1),
+            ipv4: gw4,
+            ipv6: gw6,
         };
         node_ns
             .run(|| -> std::io::Result<()> {
@@ -192,8 +206,17 @@ impl Lab {
                 cmd: "lab".into(),
                 stderr: "at most 250 pods".into(),
             })?;
-            let ipv4 = Ipv4Addr::new(10, 244, 0, last);
-            let ipv6 = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, u16::from(last));
+            let ipv4 = Ipv4Addr::new(10, 244, subnet, last);
+            let ipv6 = Ipv6Addr::new(
+                0xfd00,
+                0x244,
+                u16::from(subnet),
+                0,
+                0,
+                0,
+                0,
+                u16::from(last),
+            );
             ip(&["-n", &netns, "link", "set", "lo", "up"])?;
             ip(&[
                 "-n",
@@ -215,7 +238,15 @@ impl Lab {
                 "nodad",
             ])?;
             ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &netns, "route", "add", "default", "via", "10.244.0.1"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw4.to_string(),
+            ])?;
             ip(&[
                 "-n",
                 &netns,
@@ -224,7 +255,7 @@ impl Lab {
                 "add",
                 "default",
                 "via",
-                "fd00:244::1",
+                &gw6.to_string(),
             ])?;
             let pod = Pod {
                 name,
@@ -332,6 +363,18 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    /// The node's address on the lab bridge: the pods' gateway (and what the node's own
+    /// connections to pods come from).
+    pub fn gateway(&self) -> Pod {
+        Pod {
+            name: "node".into(),
+            netns: self.node.clone(),
+            netns_inode: self.node_inode,
+            ipv4: Ipv4Addr::new(10, 244, self.subnet, 1),
+            ipv6: Ipv6Addr::new(0xfd00, 0x244, u16::from(self.subnet), 0, 0, 0, 0, 1),
+        }
     }
 
     /// Path of the node namespace (for `fanout run --conntrack-netns`).
