@@ -21,6 +21,29 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent: trace TCP connections and serve /metrics, /healthz, /connections.
     Run(RunArgs),
+    /// Prove that a service's clients balance (coverage, connection reuse, distribution), from a
+    /// running agent; exit 0 when they do, 1 when they do not, 2 on error. Usable as a rollout
+    /// gate.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VerifyArgs {
+    /// The service, as NAMESPACE/NAME.
+    #[arg(long)]
+    pub service: String,
+    /// Only this client pod, as NAMESPACE/POD (default: every client of the service).
+    #[arg(long)]
+    pub client: Option<String>,
+    /// How long to observe: the same local ports at the start and the end prove reuse.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub window: Duration,
+    /// The agent's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:9990")]
+    pub endpoint: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -159,7 +182,9 @@ mod tests {
     fn cli_is_consistent() {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["fanout", "run", "--listen", "0.0.0.0:1"]).unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
         assert_eq!(args.agent_options().listen.port(), 1);
         assert!(Cli::try_parse_from(["fanout", "run", "--poll-interval", "x"]).is_err());
         assert!(
@@ -167,7 +192,9 @@ mod tests {
             "one identity source at a time"
         );
         let cli = Cli::try_parse_from(["fanout", "run", "--inventory", "inv.yaml"]).unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
         assert!(matches!(
             args.agent_options().identity,
             IdentitySource::Local { .. }

@@ -15,3 +15,4 @@ pub mod event;
 pub mod exposition;
 pub mod identity;
 pub mod probe;
+pub mod verify;

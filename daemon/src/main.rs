@@ -18,6 +18,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args).await,
+        Command::Verify(args) => std::process::exit(fanout::verify::run(&args).await),
     }
 }
 

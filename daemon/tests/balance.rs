@@ -24,61 +24,19 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
         0,
         "run as root (cargo xtask test)"
     );
-    // pod0..2: clients; pod3..5: backends.
+    // pod0..2: clients; pod3..5: backends api-3..api-5.
     let lab = Lab::new(6).expect("lab");
-    let servers: Vec<GrpcServer> = (3..6)
-        .map(|i| {
-            let p = lab.pod(i);
-            GrpcServer::start(
-                p,
-                p.addr(false, 8080),
-                ServerOptions::new(format!("api-{i}")),
-            )
-            .expect("server")
-        })
-        .collect();
+    let (agent, servers, dir) = clients_and_backends(
+        &lab,
+        &["rr", "pf", "dial"],
+        3,
+        Duration::from_secs(4),
+        |i| ServerOptions::new(format!("api-{i}")),
+    )
+    .await;
     let backends: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
 
-    let mut y = String::from("pods:\n");
-    for (i, name) in ["rr", "pf", "dial"].iter().enumerate() {
-        y.push_str(&format!(
-            "  - {{name: {name}, namespace: shop, ip: {}}}\n",
-            lab.pod(i).ipv4
-        ));
-    }
-    for i in 3..6 {
-        y.push_str(&format!(
-            "  - {{name: api-{i}, namespace: shop, ip: {}, labels: {{app: api}}}}\n",
-            lab.pod(i).ipv4
-        ));
-    }
-    y.push_str("services:\n  - {name: api, namespace: shop, headless: true, ports: [{port: 8080}], selector: {app: api}}\n");
-    let dir = std::env::temp_dir().join(format!("fanout-balance-{}", lab.prefix));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let inv = dir.join("inventory.yaml");
-    std::fs::write(&inv, y).expect("inventory");
-
-    let window = Duration::from_secs(4);
-    let agent = Agent::start(AgentOptions {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        poll_interval: Duration::from_millis(20),
-        identity: IdentitySource::Local {
-            path: inv,
-            reload_every: Duration::from_secs(1),
-        },
-        analysis: AnalysisConfig {
-            window,
-            ..AnalysisConfig::default()
-        },
-        ..AgentOptions::default()
-    })
-    .await
-    .expect("agent starts");
-    tokio::time::timeout(Duration::from_secs(30), agent.ready())
-        .await
-        .expect("ready");
-
-    // About 9 s of calls from each client at once; the balance is read while they still run,
+    // About 10 s of calls from each client at once; the balance is read while they still run,
     // once more than a whole 4 s window has passed.
     let pace = Duration::from_millis(40);
     let runs: Vec<_> = [
@@ -92,7 +50,7 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
         let pod = lab.pod(i).clone();
         let target = Target::Addrs(backends.clone());
         std::thread::spawn(move || {
-            run_client(&pod, policy, target, 220, pace, Duration::from_secs(30))
+            run_client(&pod, policy, target, 260, pace, Duration::from_secs(30))
         })
     })
     .collect();
@@ -160,12 +118,46 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
         assert!(body.contains("\"error\""), "{path}: {body}");
     }
 
+    // `fanout verify` against the live agent agrees: round_robin passes, pick_first fails.
+    let endpoint = format!("http://{}", agent.http_addr());
+    let verify = move |client: &'static str| {
+        let endpoint = endpoint.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+                .args([
+                    "verify",
+                    "--service",
+                    "shop/api",
+                    "--client",
+                    client,
+                    "--window",
+                    "1s",
+                    "--endpoint",
+                    &endpoint,
+                ])
+                .output()
+                .expect("run fanout verify")
+        })
+    };
+    let rr_out = verify("shop/rr").await.expect("join");
+    assert_eq!(
+        rr_out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&rr_out.stdout),
+        String::from_utf8_lossy(&rr_out.stderr)
+    );
+    let pf_out = verify("shop/pf").await.expect("join");
+    assert_eq!(pf_out.status.code(), Some(1));
+    let pf_text = String::from_utf8_lossy(&pf_out.stdout);
+    assert!(pf_text.contains("pick_first"), "{pf_text}");
+
     let reports: Vec<_> = runs
         .into_iter()
         .map(|t| t.join().expect("client thread").expect("client"))
         .collect();
     for r in &reports {
-        assert_eq!(r.succeeded, 220, "{r:?}");
+        assert_eq!(r.succeeded, 260, "{r:?}");
     }
 
     // Unknown service: a JSON 404.
@@ -178,25 +170,31 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A lab agent on an inventory with one client pod (`client`, pod0) and `backends` pods behind
-/// the headless service shop/api; returns the agent and the gRPC servers.
-async fn client_and_backends(
+/// A lab agent on an inventory with client pods `clients` (pods 0..) and `backends` pods after
+/// them (`api-<pod index>`) behind the headless service shop/api, serving gRPC on :8080.
+/// Returns the agent, the gRPC servers and the inventory's directory.
+async fn clients_and_backends(
     lab: &Lab,
+    clients: &[&str],
     backends: usize,
     window: Duration,
     server: impl Fn(usize) -> ServerOptions,
 ) -> (Agent, Vec<GrpcServer>, std::path::PathBuf) {
-    let servers: Vec<GrpcServer> = (1..=backends)
+    let first = clients.len();
+    let servers: Vec<GrpcServer> = (first..first + backends)
         .map(|i| {
             let p = lab.pod(i);
             GrpcServer::start(p, p.addr(false, 8080), server(i)).expect("server")
         })
         .collect();
-    let mut y = format!(
-        "pods:\n  - {{name: client, namespace: shop, ip: {}}}\n",
-        lab.pod(0).ipv4
-    );
-    for i in 1..=backends {
+    let mut y = String::from("pods:\n");
+    for (i, name) in clients.iter().enumerate() {
+        y.push_str(&format!(
+            "  - {{name: {name}, namespace: shop, ip: {}}}\n",
+            lab.pod(i).ipv4
+        ));
+    }
+    for i in first..first + backends {
         y.push_str(&format!(
             "  - {{name: api-{i}, namespace: shop, ip: {}, labels: {{app: api}}}}\n",
             lab.pod(i).ipv4
@@ -249,10 +247,11 @@ async fn stale_resolver_is_flagged_with_the_backends_it_never_found() {
         "run as root (cargo xtask test)"
     );
     let lab = Lab::new(5).expect("lab");
-    let (agent, servers, dir) = client_and_backends(&lab, 4, Duration::from_secs(3), |i| {
-        ServerOptions::new(format!("api-{i}"))
-    })
-    .await;
+    let (agent, servers, dir) =
+        clients_and_backends(&lab, &["client"], 4, Duration::from_secs(3), |i| {
+            ServerOptions::new(format!("api-{i}"))
+        })
+        .await;
     let resolved: Vec<SocketAddr> = servers[..2].iter().map(|s| s.addr).collect();
     let pod = lab.pod(0).clone();
     let run = std::thread::spawn(move || {
@@ -296,12 +295,13 @@ async fn max_connection_age_rotation_is_not_dial_per_request() {
         "run as root (cargo xtask test)"
     );
     let lab = Lab::new(4).expect("lab");
-    let (agent, servers, dir) = client_and_backends(&lab, 3, Duration::from_secs(4), |i| {
-        let mut o = ServerOptions::new(format!("api-{i}"));
-        o.max_connection_age = Some(Duration::from_millis(1200));
-        o
-    })
-    .await;
+    let (agent, servers, dir) =
+        clients_and_backends(&lab, &["client"], 3, Duration::from_secs(4), |i| {
+            let mut o = ServerOptions::new(format!("api-{i}"));
+            o.max_connection_age = Some(Duration::from_millis(1200));
+            o
+        })
+        .await;
     let backends: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
     let pod = lab.pod(0).clone();
     let run = std::thread::spawn(move || {
