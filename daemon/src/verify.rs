@@ -982,23 +982,8 @@ pub fn render(report: &Report) -> String {
     out
 }
 
-/// A share as a whole percentage ("97%").
-fn pct(x: f64) -> String {
-    format!("{:.0}%", x * 100.0)
-}
-
-/// Seconds in words: "20 ms", "2.5 s", "29 s".
-fn secs(s: f64) -> String {
-    if !s.is_finite() {
-        "n/a".into()
-    } else if s < 1.0 {
-        format!("{:.0} ms", s * 1000.0)
-    } else if s < 10.0 {
-        format!("{s:.1} s")
-    } else {
-        format!("{s:.0} s")
-    }
-}
+// Shares and durations read the same in verify's output as in the agent's reasons.
+use crate::analysis::{pct, secs};
 
 /// Up to [`LIST_MAX`] items, then "… N more".
 fn list(items: &[String]) -> String {

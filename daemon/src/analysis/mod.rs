@@ -64,7 +64,7 @@ use serde::Serialize;
 
 use self::window::{BackendBucket, KeyBucket, Ring, lifetime_bucket};
 pub use self::{
-    verdict::{Thresholds, Verdict, classify},
+    verdict::{Thresholds, Verdict, classify, pct, secs},
     window::{LIFETIME_BOUNDS_SECONDS, LifetimeHistogram},
 };
 use crate::identity::model::ObjectRef;

@@ -276,12 +276,12 @@ pub fn classify(b: &Balance, th: &Thresholds, window: Duration) -> (Verdict, Str
 }
 
 /// A share as a whole percentage ("97%").
-fn pct(x: f64) -> String {
+pub fn pct(x: f64) -> String {
     format!("{:.0}%", x * 100.0)
 }
 
 /// Seconds in words: "20 ms", "2.5 s", "29 s".
-pub(crate) fn secs(s: f64) -> String {
+pub fn secs(s: f64) -> String {
     if !s.is_finite() {
         "n/a".into()
     } else if s < 1.0 {
