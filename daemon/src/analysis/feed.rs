@@ -2,7 +2,7 @@
 //! inputs. Only connections this node's pods dialled to a service count (each node exports its
 //! own pods as clients).
 
-use super::{ConnId, ConnOpen, Counters, Nanos, RequestSource};
+use super::{ConnId, ConnOpen, Counters, Nanos};
 use crate::{
     conntable::{self, Conn, Direction},
     event,
@@ -55,10 +55,7 @@ pub fn counters_of(c: &event::Counters, r: &conntable::Requests) -> Counters {
         messages_sent: c.msgs_sent,
         messages_received: c.msgs_recv,
         requests: r.count,
-        source: match r.source {
-            conntable::RequestSource::H2 => RequestSource::H2,
-            conntable::RequestSource::Messages => RequestSource::Messages,
-        },
+        source: r.source,
     }
 }
 
@@ -84,7 +81,7 @@ pub fn ready_backends(inv: &Inventory) -> Vec<(ObjectRef, Vec<ObjectRef>)> {
 mod tests {
     use super::*;
     use crate::{
-        conntable::{ConnKey, Origin, RequestSource as Src, Requests},
+        conntable::{ConnKey, Origin, RequestSource, Requests},
         identity::model::tests::{pod, service},
     };
     use std::sync::Arc;
@@ -158,7 +155,7 @@ mod tests {
             },
             &Requests {
                 count: 9,
-                source: Src::Messages,
+                source: RequestSource::Messages,
                 unparsable: Some("tls"),
             },
         );

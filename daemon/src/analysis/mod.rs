@@ -80,24 +80,8 @@ pub const MAX_SLOTS: u64 = 3600;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct ConnId(pub u64);
 
-/// How a connection's request count was obtained.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RequestSource {
-    /// Counted from HTTP/2 HEADERS frames.
-    H2,
-    /// Estimated from messages (TLS or unparsable traffic).
-    Messages,
-}
-
-impl RequestSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestSource::H2 => "h2",
-            RequestSource::Messages => "messages",
-        }
-    }
-}
+/// How a connection's request count was obtained (the connection table's own type).
+pub use crate::conntable::RequestSource;
 
 /// A connection that opened (or, `recovered`, was found already open).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::event::{Counters, Event, Owner};
 
 /// Where a request count comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestSource {
     /// Client-initiated HTTP/2 streams counted from the frames in the kernel.
@@ -24,6 +24,16 @@ pub enum RequestSource {
     /// Not parsable as cleartext HTTP/2 (TLS, another protocol, or opened before fanout):
     /// messages sent stand in for requests.
     Messages,
+}
+
+impl RequestSource {
+    /// Bounded label value ("h2" or "messages").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestSource::H2 => "h2",
+            RequestSource::Messages => "messages",
+        }
+    }
 }
 
 /// gRPC requests a client sent on a connection, with where the figure comes from.

@@ -12,7 +12,6 @@ pub mod local;
 pub mod model;
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc, Mutex, RwLock,
@@ -124,9 +123,4 @@ impl Identity {
             && conn.backend.is_none()
             && inv.service_by_cluster_addr(conn.key.remote).is_some()
     }
-}
-
-/// The conntrack tuple of a connection dialled to `remote` from `local`.
-pub fn original_tuple(local: SocketAddr, remote: SocketAddr) -> conntrack::Tuple {
-    conntrack::Tuple::new(local, remote)
 }
