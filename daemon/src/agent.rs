@@ -194,23 +194,23 @@ impl Shared {
                         }
                     }
                     Change::Closed { conn, duration } => {
-                        if let Some(id) = feed::conn_id(conn) {
+                        // Only connections the analyzer tracks (a local pod dialling a
+                        // service): the node's other sockets close without any lookup.
+                        if let Some(id) = feed::conn_id(conn).filter(|id| analyzer.tracks(*id)) {
                             // The final figures: counters from the close record, requests from
                             // the scanner state the kernel keeps after close.
-                            if conn.direction == crate::conntable::Direction::Outbound {
-                                let h2 = self.probe.get().and_then(|p| {
-                                    p.lock()
-                                        .ok()?
-                                        .h2_state(&crate::conntable::h2_key(&conn.key))
-                                });
-                                let req =
-                                    crate::conntable::requests_figure(h2.as_ref(), &conn.counters);
-                                analyzer.on_sample(
-                                    id,
-                                    ev.ts_ns,
-                                    &feed::counters_of(&conn.counters, &req),
-                                );
-                            }
+                            let h2 = self.probe.get().and_then(|p| {
+                                p.lock()
+                                    .ok()?
+                                    .h2_state(&crate::conntable::h2_key(&conn.key))
+                            });
+                            let req =
+                                crate::conntable::requests_figure(h2.as_ref(), &conn.counters);
+                            analyzer.on_sample(
+                                id,
+                                ev.ts_ns,
+                                &feed::counters_of(&conn.counters, &req),
+                            );
                             analyzer.on_close(id, ev.ts_ns, *duration);
                         }
                     }

@@ -487,6 +487,11 @@ impl Analyzer {
         &self.cfg
     }
 
+    /// Whether a live connection is tracked (callers skip work for the node's other sockets).
+    pub fn tracks(&self, id: ConnId) -> bool {
+        self.conns.contains_key(&id)
+    }
+
     pub fn stats(&self) -> AnalyzerStats {
         AnalyzerStats {
             keys: self.keys.len(),

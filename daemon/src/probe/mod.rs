@@ -351,16 +351,26 @@ impl Probe {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, name: &'static str, category: &str, tp: &str) -> Result<(), ProbeError> {
-    let prog: &mut TracePoint = ebpf
-        .program_mut(name)
+/// Maps a program error to the probe error naming the program.
+fn program_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> ProbeError {
+    move |source| ProbeError::Program { name, source }
+}
+
+/// The object's program `name` as its concrete type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, ProbeError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
         .ok_or(ProbeError::NoProgram(name))?
         .try_into()
-        .map_err(|source| ProbeError::Program { name, source })?;
-    prog.load()
-        .map_err(|source| ProbeError::Program { name, source })?;
-    prog.attach(category, tp)
-        .map_err(|source| ProbeError::Program { name, source })?;
+        .map_err(program_err(name))
+}
+
+fn attach(ebpf: &mut Ebpf, name: &'static str, category: &str, tp: &str) -> Result<(), ProbeError> {
+    let prog: &mut TracePoint = program(ebpf, name)?;
+    prog.load().map_err(program_err(name))?;
+    prog.attach(category, tp).map_err(program_err(name))?;
     Ok(())
 }
 
@@ -369,13 +379,8 @@ fn attach_cgroup_skb(
     name: &'static str,
     cgroup: &std::path::Path,
 ) -> Result<(), ProbeError> {
-    let prog: &mut CgroupSkb = ebpf
-        .program_mut(name)
-        .ok_or(ProbeError::NoProgram(name))?
-        .try_into()
-        .map_err(|source| ProbeError::Program { name, source })?;
-    prog.load()
-        .map_err(|source| ProbeError::Program { name, source })?;
+    let prog: &mut CgroupSkb = program(ebpf, name)?;
+    prog.load().map_err(program_err(name))?;
     let dir = std::fs::File::open(cgroup).map_err(|source| ProbeError::Cgroup {
         path: cgroup.display().to_string(),
         source,
@@ -388,7 +393,7 @@ fn attach_cgroup_skb(
         CgroupSkbAttachType::Egress,
         CgroupAttachMode::default(),
     )
-    .map_err(|source| ProbeError::Program { name, source })?;
+    .map_err(program_err(name))?;
     Ok(())
 }
 
