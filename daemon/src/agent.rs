@@ -107,18 +107,21 @@ pub struct Shared {
     events: broadcast::Sender<Event>,
     conntrack: Mutex<Option<std::sync::mpsc::SyncSender<ConnKey>>>,
     /// Balance per (client pod, service) over the sliding window.
-    pub analyzer: Mutex<Analyzer>,
+    pub analyzer: Arc<Mutex<Analyzer>>,
     /// The probe, for reading a connection's final HTTP/2 count when it closes.
     probe: std::sync::OnceLock<Arc<Mutex<Probe>>>,
 }
 
 impl Shared {
     fn new(analyzer: Analyzer) -> Self {
+        let analyzer = Arc::new(Mutex::new(analyzer));
+        let mut metrics = Metrics::new();
+        metrics.register_balance(analyzer.clone(), monotonic_ns);
         Shared {
-            analyzer: Mutex::new(analyzer),
+            analyzer,
             probe: std::sync::OnceLock::new(),
             table: Mutex::new(ConnTable::new()),
-            metrics: Metrics::new(),
+            metrics,
             identity: Identity::default(),
             ready: AtomicBool::new(false),
             events: broadcast::channel(1 << 16).0,

@@ -4,7 +4,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{agent::AgentOptions, identity::IdentitySource, probe::ProbeOptions};
+use crate::{
+    agent::AgentOptions, analysis::Thresholds, identity::IdentitySource, probe::ProbeOptions,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -95,6 +97,32 @@ pub struct RunArgs {
     /// Sliding window of the balance analysis (fan-out, skew, churn, verdicts).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub window: Duration,
+    /// How long the series and figures of a pod or service that is gone (or idle) are kept.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Hard cap on the per-pod balance metric series; what it refuses is counted in
+    /// fanout_series_dropped_total.
+    #[arg(long, default_value_t = crate::analysis::AnalysisConfig::default().max_series)]
+    pub max_series: usize,
+    /// Fewer requests in the window than this is insufficient_data.
+    #[arg(long, default_value_t = Thresholds::default().min_requests)]
+    pub min_requests: u64,
+    /// pick_first: the share of requests one backend takes (0 to 1).
+    #[arg(long, default_value_t = Thresholds::default().pick_first_share, value_parser = parse_fraction)]
+    pub pick_first_share: f64,
+    /// round_robin: the least coverage, connected ready backends / ready backends (0 to 1).
+    #[arg(long, default_value_t = Thresholds::default().round_robin_coverage, value_parser = parse_fraction)]
+    pub round_robin_coverage: f64,
+    /// round_robin: the largest skew, top backend share / fair share (at least 1).
+    #[arg(long, default_value_t = Thresholds::default().round_robin_max_skew, value_parser = parse_skew)]
+    pub round_robin_max_skew: f64,
+    /// dial_per_request: the least connection opens per request (above 0).
+    #[arg(long, default_value_t = Thresholds::default().dial_opens_per_request, value_parser = parse_positive)]
+    pub dial_opens_per_request: f64,
+    /// Mean connection lifetime below which connections are short (dial_per_request) and at or
+    /// above which they are long-lived (pick_first).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub short_lifetime: Duration,
     /// Network namespace whose conntrack table holds kube-proxy's NAT (default: the daemon's
     /// own, which is the node's when it runs with hostNetwork).
     #[arg(long)]
@@ -130,10 +158,47 @@ impl RunArgs {
             conntrack_netns: self.conntrack_netns.clone(),
             analysis: crate::analysis::AnalysisConfig {
                 window: self.window,
+                grace: self.grace,
+                max_series: self.max_series,
+                thresholds: Thresholds {
+                    min_requests: self.min_requests,
+                    pick_first_share: self.pick_first_share,
+                    round_robin_coverage: self.round_robin_coverage,
+                    round_robin_max_skew: self.round_robin_max_skew,
+                    dial_opens_per_request: self.dial_opens_per_request,
+                    short_lifetime: self.short_lifetime,
+                    ..Thresholds::default()
+                },
                 ..Default::default()
             },
         }
     }
+}
+
+fn parse_number(s: &str, ok: impl Fn(f64) -> bool, want: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid number {s:?}: expected {want}"))?;
+    if v.is_finite() && ok(v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} is out of range: expected {want}"))
+    }
+}
+
+/// A fraction between 0 and 1 (inclusive).
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    parse_number(s, |v| (0.0..=1.0).contains(&v), "a fraction from 0 to 1")
+}
+
+/// A skew ratio: 1 is even, so at least 1.
+fn parse_skew(s: &str) -> Result<f64, String> {
+    parse_number(s, |v| v >= 1.0, "a ratio of at least 1")
+}
+
+fn parse_positive(s: &str) -> Result<f64, String> {
+    parse_number(s, |v| v > 0.0, "a number above 0")
 }
 
 /// Parses durations like `250ms`, `30s`, `5m`, `1h` (a bare number is seconds).
@@ -176,6 +241,59 @@ mod tests {
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn thresholds_and_caps_are_checked_and_applied() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["fanout", "run"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).map(|c| match c.command {
+                Command::Run(a) => a.agent_options().analysis,
+                Command::Verify(_) => panic!("run"),
+            })
+        };
+        let a = parse(&[]).unwrap();
+        assert_eq!(a, crate::analysis::AnalysisConfig::default());
+        let a = parse(&[
+            "--window",
+            "1m",
+            "--grace",
+            "5m",
+            "--max-series",
+            "100",
+            "--pick-first-share",
+            "0.75",
+            "--round-robin-max-skew",
+            "2",
+            "--short-lifetime",
+            "500ms",
+            "--min-requests",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.window, a.grace),
+            (Duration::from_secs(60), Duration::from_secs(300))
+        );
+        assert_eq!(a.max_series, 100);
+        assert_eq!(a.thresholds.pick_first_share, 0.75);
+        assert_eq!(a.thresholds.round_robin_max_skew, 2.0);
+        assert_eq!(a.thresholds.short_lifetime, Duration::from_millis(500));
+        assert_eq!(a.thresholds.min_requests, 3);
+        for bad in [
+            "--pick-first-share=1.5",
+            "--round-robin-coverage=-0.1",
+            "--round-robin-max-skew=0.9",
+            "--dial-opens-per-request=0",
+            "--pick-first-share=NaN",
+            "--max-series=-1",
+            "--grace=0s",
+        ] {
+            let err = parse(&[bad]).expect_err(bad).to_string();
+            let flag = bad.split('=').next().unwrap_or(bad);
+            assert!(err.contains(flag), "{err}");
+        }
     }
 
     #[test]

@@ -139,6 +139,10 @@ pub struct AnalysisConfig {
     pub max_backends_per_key: usize,
     /// Most local ports kept per snapshot and reported (default 64, the lowest ones).
     pub max_ports: usize,
+    /// Hard cap on the per-pod metric series (default 50000): a (client, service) key costs
+    /// [`KEY_SERIES`], each backend under it [`BACKEND_SERIES`]. A new key over the cap is refused;
+    /// a new backend over it is counted under the `_overflow` backend.
+    pub max_series: usize,
     pub thresholds: Thresholds,
 }
 
@@ -152,6 +156,7 @@ impl Default for AnalysisConfig {
             max_connections: 65536,
             max_backends_per_key: 256,
             max_ports: 64,
+            max_series: 50_000,
             thresholds: Thresholds::default(),
         }
     }
@@ -179,6 +184,11 @@ pub struct AnalyzerStats {
     pub dropped_connection_cap: u64,
     /// Connections whose backend was over the per-key backend cap (their requests are unattributed).
     pub dropped_backend_cap: u64,
+    /// Keys (their opens refused) and backends (counted under `_overflow`) refused because the
+    /// series cap was reached.
+    pub dropped_series_cap: u64,
+    /// Metric series the current keys and backends take ([`KEY_SERIES`], [`BACKEND_SERIES`]).
+    pub series: usize,
     /// Keys dropped by [`Analyzer::gc`] (gone or idle for the grace period).
     pub keys_collected: u64,
     /// Live connections dropped with their key by [`Analyzer::gc`].
@@ -280,6 +290,64 @@ impl Balance {
     }
 }
 
+/// Metric series a (client, service) key takes: the lifetime histogram (buckets, sum, count),
+/// ready, connected, skew, one verdict series per [`Verdict`], and the `_unknown` and `_overflow`
+/// backends.
+pub const KEY_SERIES: usize =
+    window::LIFETIME_BUCKETS + 2 + 3 + Verdict::ALL.len() + 2 * BACKEND_SERIES;
+/// Metric series one backend of a key takes: opened, closed, active, requests by source (2),
+/// bytes by direction (2).
+pub const BACKEND_SERIES: usize = 7;
+
+/// The backend name of connections whose backend is not known (yet). Pod names cannot start
+/// with `_`, so it never collides with a pod.
+pub const BACKEND_UNKNOWN: &str = "_unknown";
+/// The backend name of connections whose backend is over the per-key backend cap or the series
+/// cap.
+pub const BACKEND_OVERFLOW: &str = "_overflow";
+
+/// Cumulative counts of one backend of a key since the key was created (Prometheus counters).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SlotTotals {
+    /// Traced opens. A connection is counted once its backend is known, or under `_unknown`
+    /// when it is still unknown a second after the open or at the close. Recovered connections
+    /// are not opens.
+    pub opened: u64,
+    pub closed: u64,
+    pub requests_h2: u64,
+    pub requests_messages: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl SlotTotals {
+    fn is_zero(&self) -> bool {
+        *self == SlotTotals::default()
+    }
+}
+
+/// One backend's cumulative counts and live connections in a [`KeyTotals`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendTotals {
+    /// The pod name (`namespace/name` outside the service's namespace), [`BACKEND_UNKNOWN`] or
+    /// [`BACKEND_OVERFLOW`].
+    pub name: String,
+    pub totals: SlotTotals,
+    pub active: u64,
+}
+
+/// Cumulative figures of one (client, service) key, for the metrics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyTotals {
+    pub client: ObjectRef,
+    pub service: ObjectRef,
+    /// Every backend with state, then `_unknown` and `_overflow` when they have anything.
+    pub backends: Vec<BackendTotals>,
+    /// Lifetimes of every closed connection whose lifetime is known (traced start, or opened
+    /// while the daemon ran).
+    pub lifetimes: LifetimeHistogram,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Key {
     client: ObjectRef,
@@ -290,6 +358,12 @@ struct Key {
 struct ConnState {
     key: Arc<Key>,
     backend: Option<ObjectRef>,
+    /// The backend is known but over a cap: counted under `_overflow`.
+    overflow: bool,
+    /// Found at startup (not an open).
+    recovered: bool,
+    /// The open is in the totals (see [`SlotTotals::opened`]).
+    open_counted: bool,
     local_port: u16,
     /// Open time, or for a recovered connection when it was first seen.
     opened_at: Nanos,
@@ -304,6 +378,7 @@ struct BackendState {
     live_opened_sum: u128,
     /// Last open, close, sample or backend assignment (a time it was connected).
     last_connected: Nanos,
+    totals: SlotTotals,
 }
 
 #[derive(Debug)]
@@ -322,6 +397,12 @@ struct KeyState {
     port_snapshots: Ring<Vec<u16>>,
     /// The newest bucket whose start has a snapshot.
     advanced_to: u64,
+    /// Totals of connections with no known backend, and over a cap.
+    unknown: SlotTotals,
+    overflow: SlotTotals,
+    /// Cumulative lifetime histogram (per-bucket counts) and sum.
+    lifetimes_total: [u64; window::LIFETIME_BUCKETS],
+    lifetime_total_sum_ns: u64,
 }
 
 #[derive(Debug, Default)]
@@ -355,6 +436,20 @@ fn ratio(num: u64, den: u64) -> Option<f64> {
     (den > 0).then(|| num as f64 / den as f64)
 }
 
+/// A backend's name as the API and the metrics show it: the pod name, or `namespace/name` when it
+/// is outside the service's namespace.
+fn backend_name(backend: &ObjectRef, service: &ObjectRef) -> String {
+    if backend.namespace == service.namespace {
+        backend.name.clone()
+    } else {
+        backend.to_string()
+    }
+}
+
+/// How long a connection's backend may stay unknown before its open is counted under
+/// [`BACKEND_UNKNOWN`].
+const OPEN_SETTLE_NS: u64 = 1_000_000_000;
+
 fn ports_of(live: &BTreeMap<u16, u32>, max: usize) -> Vec<u16> {
     live.keys().take(max).copied().collect()
 }
@@ -376,6 +471,19 @@ impl KeyState {
             live_ports: BTreeMap::new(),
             port_snapshots,
             advanced_to: bucket,
+            unknown: SlotTotals::default(),
+            overflow: SlotTotals::default(),
+            lifetimes_total: [0; window::LIFETIME_BUCKETS],
+            lifetime_total_sum_ns: 0,
+        }
+    }
+
+    /// The totals a connection's traffic is counted under.
+    fn slot(&mut self, backend: Option<&ObjectRef>, overflow: bool) -> &mut SlotTotals {
+        match backend.and_then(|b| self.backends.get_mut(b)) {
+            Some(bs) => &mut bs.totals,
+            None if overflow => &mut self.overflow,
+            None => &mut self.unknown,
         }
     }
 
@@ -396,19 +504,25 @@ impl KeyState {
         self.advanced_to = bucket;
     }
 
-    /// The backend a connection is counted under, creating its state; None over the cap.
+    /// The backend a connection is counted under, creating its state; None over a cap (the
+    /// per-key backend cap or the series cap).
     fn admit_backend(
         &mut self,
         backend: ObjectRef,
         slots: usize,
-        cap: usize,
+        cfg: &AnalysisConfig,
         stats: &mut AnalyzerStats,
     ) -> Option<ObjectRef> {
         if !self.backends.contains_key(&backend) {
-            if self.backends.len() >= cap {
+            if self.backends.len() >= cfg.max_backends_per_key {
                 stats.dropped_backend_cap += 1;
                 return None;
             }
+            if stats.series + BACKEND_SERIES > cfg.max_series {
+                stats.dropped_series_cap += 1;
+                return None;
+            }
+            stats.series += BACKEND_SERIES;
             self.backends.insert(
                 backend.clone(),
                 BackendState {
@@ -416,6 +530,7 @@ impl KeyState {
                     live: 0,
                     live_opened_sum: 0,
                     last_connected: 0,
+                    totals: SlotTotals::default(),
                 },
             );
         }
@@ -528,6 +643,11 @@ impl Analyzer {
                     self.stats.dropped_key_cap += 1;
                     return false;
                 }
+                if self.stats.series + KEY_SERIES > self.cfg.max_series {
+                    self.stats.dropped_series_cap += 1;
+                    return false;
+                }
+                self.stats.series += KEY_SERIES;
                 let k = Arc::new(key);
                 self.keys
                     .insert(k.clone(), KeyState::new(open.at, slots, bucket));
@@ -539,9 +659,16 @@ impl Analyzer {
         };
         ks.gone_since = None;
         ks.advance(bucket, self.slots, self.cfg.max_ports, open.at);
-        let backend = open.backend.and_then(|b| {
-            ks.admit_backend(b, slots, self.cfg.max_backends_per_key, &mut self.stats)
-        });
+        let known = open.backend.is_some();
+        let backend = open
+            .backend
+            .and_then(|b| ks.admit_backend(b, slots, &self.cfg, &mut self.stats));
+        let overflow = known && backend.is_none();
+        // An open is counted once its backend is known (see `SlotTotals::opened`).
+        let open_counted = open.recovered || known;
+        if !open.recovered && known {
+            ks.slot(backend.as_ref(), overflow).opened += 1;
+        }
         ks.live += 1;
         ks.live_opened_sum += u128::from(open.at);
         *ks.live_ports.entry(open.local_port).or_default() += 1;
@@ -566,6 +693,9 @@ impl Analyzer {
             ConnState {
                 key,
                 backend,
+                overflow,
+                recovered: open.recovered,
+                open_counted,
                 local_port: open.local_port,
                 opened_at: open.at,
                 last: (!open.recovered).then(Counters::zero),
@@ -590,14 +720,14 @@ impl Analyzer {
         if let Some(old) = c.backend.take() {
             ks.detach(&old, c.opened_at, at);
         }
-        c.backend = ks.admit_backend(
-            backend,
-            self.slots as usize,
-            self.cfg.max_backends_per_key,
-            &mut self.stats,
-        );
+        c.backend = ks.admit_backend(backend, self.slots as usize, &self.cfg, &mut self.stats);
+        c.overflow = c.backend.is_none();
         if let Some(b) = &c.backend {
             ks.attach(b, c.opened_at, at);
+        }
+        if !c.open_counted {
+            c.open_counted = true;
+            ks.slot(c.backend.as_ref(), c.overflow).opened += 1;
         }
         true
     }
@@ -619,11 +749,29 @@ impl Analyzer {
         {
             bs.last_connected = bs.last_connected.max(at);
         }
+        if !c.open_counted && at.saturating_sub(c.opened_at) >= OPEN_SETTLE_NS {
+            c.open_counted = true;
+            ks.slot(c.backend.as_ref(), c.overflow).opened += 1;
+        }
         // A recovered connection's first sample is only a baseline.
         let Some(prev) = prev else {
             return true;
         };
         let requests = counters.requests.saturating_sub(prev.requests);
+        {
+            let t = ks.slot(c.backend.as_ref(), c.overflow);
+            let by_source = match counters.source {
+                RequestSource::H2 => &mut t.requests_h2,
+                RequestSource::Messages => &mut t.requests_messages,
+            };
+            *by_source = by_source.saturating_add(requests);
+            t.bytes_sent = t
+                .bytes_sent
+                .saturating_add(counters.bytes_sent.saturating_sub(prev.bytes_sent));
+            t.bytes_received = t
+                .bytes_received
+                .saturating_add(counters.bytes_received.saturating_sub(prev.bytes_received));
+        }
         if let Some(kb) = ks.buckets.slot_mut(bucket) {
             let add = |acc: &mut u64, new: u64, old: u64| {
                 *acc = acc.saturating_add(new.saturating_sub(old));
@@ -695,6 +843,19 @@ impl Analyzer {
             kb.closes += 1;
             kb.lifetime_sum_ns = kb.lifetime_sum_ns.saturating_add(life);
             kb.lifetimes[lifetime_bucket(life)] += 1;
+        }
+        {
+            let t = ks.slot(c.backend.as_ref(), c.overflow);
+            if !c.open_counted {
+                t.opened += 1;
+            }
+            t.closed += 1;
+        }
+        // A recovered connection's age is only a lower bound: kept out of the cumulative
+        // histogram unless the kernel traced its start.
+        if lifetime.is_some() || !c.recovered {
+            ks.lifetimes_total[lifetime_bucket(life)] += 1;
+            ks.lifetime_total_sum_ns = ks.lifetime_total_sum_ns.saturating_add(life);
         }
         if let Some(b) = &c.backend {
             ks.detach(b, c.opened_at, at);
@@ -776,6 +937,11 @@ impl Analyzer {
             self.stats.keys_collected += dropped.len() as u64;
         }
         self.services.retain(|_, s| !expired(s.gone_since));
+        self.stats.series = self
+            .keys
+            .values()
+            .map(|ks| KEY_SERIES + ks.backends.len() * BACKEND_SERIES)
+            .sum();
         dropped.len()
     }
 
@@ -794,6 +960,55 @@ impl Analyzer {
             service: service.clone(),
         };
         self.keys.get(&key).map(|ks| self.figures(&key, ks, now))
+    }
+
+    /// Cumulative figures of every key, in (client, service) order, for the metrics.
+    pub fn totals(&self) -> Vec<KeyTotals> {
+        // Live connections per key with no known backend, and over a cap.
+        let mut unbacked: HashMap<*const Key, (u64, u64)> = HashMap::new();
+        for c in self.conns.values().filter(|c| c.backend.is_none()) {
+            let e = unbacked.entry(Arc::as_ptr(&c.key)).or_default();
+            if c.overflow {
+                e.1 += 1;
+            } else {
+                e.0 += 1;
+            }
+        }
+        self.keys
+            .iter()
+            .map(|(k, ks)| {
+                let (unknown_live, overflow_live) =
+                    unbacked.get(&Arc::as_ptr(k)).copied().unwrap_or_default();
+                let mut backends: Vec<BackendTotals> = ks
+                    .backends
+                    .iter()
+                    .map(|(b, bs)| BackendTotals {
+                        name: backend_name(b, &k.service),
+                        totals: bs.totals,
+                        active: bs.live,
+                    })
+                    .collect();
+                for (name, totals, active) in [
+                    (BACKEND_UNKNOWN, ks.unknown, unknown_live),
+                    (BACKEND_OVERFLOW, ks.overflow, overflow_live),
+                ] {
+                    if !totals.is_zero() || active > 0 {
+                        backends.push(BackendTotals {
+                            name: name.to_string(),
+                            totals,
+                            active,
+                        });
+                    }
+                }
+                let sum_ns = ks.lifetime_total_sum_ns;
+                KeyTotals {
+                    client: k.client.clone(),
+                    service: k.service.clone(),
+                    backends,
+                    lifetimes: LifetimeHistogram::from_counts(ks.lifetimes_total, sum_ns),
+                }
+            })
+            .collect()
     }
 
     fn figures(&self, key: &Key, ks: &KeyState, now: Nanos) -> Balance {
@@ -850,11 +1065,7 @@ impl Analyzer {
                 }
                 _ => None,
             };
-            let name = if b.namespace == key.service.namespace {
-                b.name.clone()
-            } else {
-                b.to_string()
-            };
+            let name = backend_name(b, &key.service);
             backends.push(BackendBalance {
                 backend: b.clone(),
                 name,

@@ -797,3 +797,162 @@ fn extreme_inputs_do_not_panic() {
     let _ = a.evaluate(0);
     assert_eq!(a.gc(u64::MAX), 0, "a live connection keeps its key");
 }
+
+fn open_at(a: &mut Analyzer, id: u64, client: &str, backend: Option<&str>, at: u64) -> bool {
+    a.on_open(ConnOpen {
+        id: ConnId(id),
+        client: pod(client),
+        service: svc(),
+        backend: backend.map(pod),
+        local_port: 40000 + id as u16,
+        at,
+        recovered: false,
+    })
+}
+
+fn slot<'a>(t: &'a KeyTotals, name: &str) -> &'a BackendTotals {
+    t.backends
+        .iter()
+        .find(|b| b.name == name)
+        .unwrap_or_else(|| panic!("no {name} in {t:?}"))
+}
+
+#[test]
+fn totals_count_every_open_close_request_and_byte_under_its_backend() {
+    let mut a = analyzer();
+    // A pod dialled directly: counted at the open.
+    assert!(open_at(&mut a, 1, "frontend", Some("pricing-1"), S));
+    // ClusterIP connections: the backend arrives later (conntrack), never, or after the close.
+    assert!(open_at(&mut a, 2, "frontend", None, S));
+    assert!(open_at(&mut a, 3, "frontend", None, S));
+    assert!(open_at(&mut a, 4, "frontend", None, S));
+    let t = a.totals();
+    assert_eq!(slot(&t[0], "pricing-1").totals.opened, 1);
+    assert_eq!(slot(&t[0], BACKEND_UNKNOWN).active, 3);
+    assert_eq!(slot(&t[0], BACKEND_UNKNOWN).totals.opened, 0, "not yet");
+
+    a.on_backend(ConnId(2), pod("pricing-2"), S + 5 * MS);
+    // Connection 3's backend stays unknown: counted under _unknown a second after its open.
+    a.on_sample(ConnId(3), S + 500 * MS, &counters(1, RequestSource::H2));
+    assert_eq!(
+        a.totals()[0].backends.len(),
+        3,
+        "pricing-1, pricing-2, _unknown"
+    );
+    a.on_sample(ConnId(3), 2 * S, &counters(2, RequestSource::H2));
+    for id in [1, 2] {
+        a.on_sample(ConnId(id), 2 * S, &counters(10, RequestSource::H2));
+    }
+    a.on_sample(ConnId(2), 3 * S, &counters(15, RequestSource::Messages));
+    a.on_close(ConnId(2), 4 * S, Some(Duration::from_secs(3)));
+    // Closes before anything was known: one open and one close under _unknown.
+    a.on_close(ConnId(4), 4 * S, Some(Duration::from_millis(3)));
+
+    let t = a.totals();
+    assert_eq!(t.len(), 1);
+    let (p1, p2, unknown) = (
+        slot(&t[0], "pricing-1"),
+        slot(&t[0], "pricing-2"),
+        slot(&t[0], BACKEND_UNKNOWN),
+    );
+    assert_eq!((p1.totals.opened, p1.totals.closed, p1.active), (1, 0, 1));
+    assert_eq!(p1.totals.requests_h2, 10);
+    assert_eq!(
+        (p1.totals.bytes_sent, p1.totals.bytes_received),
+        (1000, 2000)
+    );
+    assert_eq!((p2.totals.opened, p2.totals.closed, p2.active), (1, 1, 0));
+    assert_eq!(
+        (p2.totals.requests_h2, p2.totals.requests_messages),
+        (10, 5)
+    );
+    assert_eq!(
+        (unknown.totals.opened, unknown.totals.closed, unknown.active),
+        (2, 1, 1)
+    );
+    assert_eq!(unknown.totals.requests_h2, 2);
+    assert_eq!(t[0].lifetimes.count, 2);
+    assert_eq!(t[0].lifetimes.sum_seconds, 3.003);
+    let idx = |secs: f64| LIFETIME_BOUNDS_SECONDS.iter().position(|b| secs <= *b);
+    assert_eq!(t[0].lifetimes.counts[idx(0.003).unwrap()], 1);
+    assert_eq!(t[0].lifetimes.counts[idx(3.0).unwrap()], 1);
+    // The window figures agree with the totals while everything is inside one window.
+    let b = balance(&a, 4 * S);
+    assert_eq!(b.requests_per_backend["pricing-1"], p1.totals.requests_h2);
+    assert_eq!(b.requests_per_backend["pricing-2"], 15);
+    assert_eq!(b.requests_unattributed, 2);
+}
+
+#[test]
+fn recovered_connections_are_not_opens_and_their_baseline_is_not_traffic() {
+    let mut a = analyzer();
+    a.on_open(ConnOpen {
+        id: ConnId(1),
+        client: client(),
+        service: svc(),
+        backend: Some(pod("pricing-1")),
+        local_port: 40001,
+        at: S,
+        recovered: true,
+    });
+    a.on_sample(ConnId(1), 2 * S, &counters(1000, RequestSource::H2));
+    a.on_sample(ConnId(1), 3 * S, &counters(1004, RequestSource::H2));
+    a.on_close(ConnId(1), 4 * S, None);
+    let t = a.totals();
+    let p1 = slot(&t[0], "pricing-1");
+    assert_eq!((p1.totals.opened, p1.totals.closed), (0, 1));
+    assert_eq!(p1.totals.requests_h2, 4);
+    assert_eq!(p1.totals.bytes_sent, 400);
+    assert_eq!(t[0].lifetimes.count, 0, "its age is only a lower bound");
+}
+
+#[test]
+fn series_cap_refuses_keys_and_sends_new_backends_to_overflow() {
+    let mut a = Analyzer::new(AnalysisConfig {
+        max_series: KEY_SERIES + BACKEND_SERIES,
+        ..AnalysisConfig::default()
+    })
+    .unwrap();
+    assert!(open_at(&mut a, 1, "frontend", Some("pricing-1"), S));
+    assert!(open_at(&mut a, 2, "frontend", Some("pricing-2"), S));
+    assert!(open_at(&mut a, 3, "frontend", None, S));
+    a.on_backend(ConnId(3), pod("pricing-3"), S);
+    assert!(
+        !open_at(&mut a, 4, "checkout", Some("pricing-1"), S),
+        "a second key is over the cap"
+    );
+    let st = a.stats();
+    assert_eq!(st.dropped_series_cap, 3);
+    assert_eq!(st.series, KEY_SERIES + BACKEND_SERIES);
+    let t = a.totals();
+    assert_eq!(t.len(), 1);
+    let over = slot(&t[0], BACKEND_OVERFLOW);
+    assert_eq!((over.totals.opened, over.active), (2, 2));
+    a.on_sample(ConnId(2), 2 * S, &counters(7, RequestSource::H2));
+    a.on_close(ConnId(2), 3 * S, None);
+    let t = a.totals();
+    let over = slot(&t[0], BACKEND_OVERFLOW);
+    assert_eq!(
+        (over.totals.requests_h2, over.totals.closed, over.active),
+        (7, 1, 1)
+    );
+    assert!(t[0].backends.iter().all(|b| b.name != BACKEND_UNKNOWN));
+    // Nothing is lost in the window figures either: the overflow's requests are unattributed.
+    assert_eq!(balance(&a, 3 * S).requests_unattributed, 7);
+}
+
+#[test]
+fn series_of_gone_clients_disappear_after_the_grace_period() {
+    let mut a = analyzer();
+    assert!(open_at(&mut a, 1, "frontend", Some("pricing-1"), S));
+    assert!(open_at(&mut a, 2, "checkout", Some("pricing-1"), S));
+    assert_eq!(a.stats().series, 2 * (KEY_SERIES + BACKEND_SERIES));
+    a.client_gone(&pod("frontend"), 2 * S);
+    a.gc(2 * S + 59 * S);
+    assert_eq!(a.totals().len(), 2, "kept through the grace period");
+    a.gc(2 * S + 60 * S);
+    let t = a.totals();
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].client, pod("checkout"));
+    assert_eq!(a.stats().series, KEY_SERIES + BACKEND_SERIES);
+}

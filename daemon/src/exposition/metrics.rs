@@ -194,6 +194,18 @@ impl Metrics {
         }
     }
 
+    /// Adds the per-pod balance metrics, read from `analyzer` at each scrape.
+    pub fn register_balance(
+        &mut self,
+        analyzer: std::sync::Arc<std::sync::Mutex<crate::analysis::Analyzer>>,
+        clock: fn() -> crate::analysis::Nanos,
+    ) {
+        self.registry
+            .register_collector(Box::new(super::balance::BalanceCollector::new(
+                analyzer, clock,
+            )));
+    }
+
     /// Records what one applied event did.
     pub fn observe(&self, kind: fanout_common::RecordKind, change: &Change) {
         self.records

@@ -1,3 +1,5 @@
-//! What fanout shows: Prometheus metrics and the HTTP API.
+//! What fanout shows: Prometheus metrics (node-wide, and per pod from the analysis) and the HTTP
+//! API.
+pub mod balance;
 pub mod http;
 pub mod metrics;
