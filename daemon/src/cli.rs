@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the node agent: trace TCP connections and serve /metrics, /healthz, /connections.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Prove that a service's clients balance (coverage, connection reuse, distribution), from a
     /// running agent; exit 0 when they do, 1 when they do not, 2 on error. Usable as a rollout
     /// gate.

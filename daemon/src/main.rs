@@ -17,7 +17,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Verify(args) => std::process::exit(fanout::verify::run(&args).await),
     }
 }
