@@ -18,7 +18,7 @@ use tokio::{
 
 use crate::{
     analysis::{self, AnalysisConfig, Analyzer, feed},
-    conntable::{Change, ConnKey, ConnTable, recover},
+    conntable::{Change, Conn, ConnKey, ConnTable, recover},
     event::{Event, reader},
     exposition::{http, metrics::Metrics},
     identity::{
@@ -87,6 +87,72 @@ impl Default for AgentOptions {
 /// Pending conntrack lookups beyond this are dropped (and counted).
 const CONNTRACK_QUEUE: usize = 4096;
 
+/// Work for the conntrack thread, in the order the events happened.
+enum CtJob {
+    /// A connection found at startup (already in the analyzer): set its backend.
+    Resolve(ConnKey),
+    /// A ClusterIP connection opened: its backend is looked up first, so the analyzer sees the
+    /// open with the backend pod kube-proxy chose.
+    Open {
+        conn: Box<Conn>,
+        at: analysis::Nanos,
+    },
+    /// A connection whose open is still queued closed: the close follows its open. A client that
+    /// dials per request closes within milliseconds, often before the lookup is done.
+    Close {
+        id: analysis::ConnId,
+        at: analysis::Nanos,
+        lifetime: Option<Duration>,
+        counters: analysis::Counters,
+    },
+}
+
+/// The conntrack thread's queue, as the event path sees it.
+struct Resolver {
+    tx: std::sync::mpsc::Sender<CtJob>,
+    /// Opens queued and not yet handled, per connection (a socket address can be reused by the
+    /// next connection before the thread gets to the first). A close of one of these must
+    /// follow it through the queue.
+    queued_opens: std::collections::HashMap<analysis::ConnId, u32>,
+    /// Lookups queued (opens and startup connections), bounded by [`CONNTRACK_QUEUE`]; closes
+    /// always join the queue, at most one per queued open.
+    pending: usize,
+}
+
+impl Resolver {
+    /// Queues a lookup unless the queue is full or the thread is gone.
+    fn lookup(&mut self, job: CtJob) -> bool {
+        if self.pending >= CONNTRACK_QUEUE {
+            return false;
+        }
+        let id = match &job {
+            CtJob::Open { conn, .. } => feed::conn_id(conn),
+            _ => None,
+        };
+        if self.tx.send(job).is_err() {
+            return false;
+        }
+        self.pending += 1;
+        if let Some(id) = id {
+            *self.queued_opens.entry(id).or_default() += 1;
+        }
+        true
+    }
+
+    /// The thread handled a lookup.
+    fn done(&mut self, open: Option<analysis::ConnId>) {
+        self.pending = self.pending.saturating_sub(1);
+        if let Some(id) = open
+            && let Some(n) = self.queued_opens.get_mut(&id)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.queued_opens.remove(&id);
+            }
+        }
+    }
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -105,7 +171,7 @@ pub struct Shared {
     pub identity: Identity,
     ready: AtomicBool,
     events: broadcast::Sender<Event>,
-    conntrack: Mutex<Option<std::sync::mpsc::SyncSender<ConnKey>>>,
+    conntrack: Mutex<Option<Resolver>>,
     /// Balance per (client pod, service) over the sliding window.
     pub analyzer: Arc<Mutex<Analyzer>>,
     /// The probe, for reading a connection's final HTTP/2 count when it closes.
@@ -129,22 +195,32 @@ impl Shared {
         }
     }
 
-    /// Asks the conntrack resolver for the backends of these ClusterIP connections.
-    fn request_backends(&self, keys: Vec<ConnKey>) {
-        if keys.is_empty() {
-            return;
-        }
-        let tx = self.conntrack.lock().ok().and_then(|g| g.clone());
-        for key in keys {
-            let sent = tx.as_ref().is_some_and(|tx| tx.try_send(key).is_ok());
-            if !sent {
-                self.metrics.conntrack_lookup(if tx.is_some() {
-                    "dropped"
-                } else {
-                    "unavailable"
-                });
+    fn resolver(&self) -> MutexGuard<'_, Option<Resolver>> {
+        self.conntrack.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a conntrack lookup; false (counted) when it cannot be.
+    fn request_lookup(&self, job: CtJob) -> bool {
+        let refused = match self.resolver().as_mut() {
+            Some(r) => {
+                if r.lookup(job) {
+                    return true;
+                }
+                "dropped"
             }
-        }
+            None => "unavailable",
+        };
+        self.metrics.conntrack_lookup(refused);
+        false
+    }
+
+    /// Queues the close of a connection whose open is still queued; false when none is.
+    fn follow_open(&self, id: analysis::ConnId, close: impl FnOnce() -> CtJob) -> bool {
+        let mut g = self.resolver();
+        let Some(r) = g.as_mut().filter(|r| r.queued_opens.contains_key(&id)) else {
+            return false;
+        };
+        r.tx.send(close()).is_ok()
     }
 
     /// The analyzer, locked. Lock order: table, then analyzer, then probe.
@@ -172,13 +248,48 @@ impl Shared {
         self.metrics.active.set(n as i64);
     }
 
+    /// Feeds a close to the analyzer: now, or through the conntrack queue after its queued open.
+    /// Only connections the analyzer tracks (or will, once their open is handled) are looked at:
+    /// the node's other sockets close without any lookup.
+    fn feed_close(
+        &self,
+        analyzer: &mut Analyzer,
+        conn: &Conn,
+        at: analysis::Nanos,
+        lifetime: Option<Duration>,
+    ) {
+        let Some(id) = feed::conn_id(conn) else {
+            return;
+        };
+        // The final figures: counters from the close record, requests from the scanner state
+        // the kernel keeps after close.
+        let final_counters = || {
+            let h2 = self.probe.get().and_then(|p| {
+                p.lock()
+                    .ok()?
+                    .h2_state(&crate::conntable::h2_key(&conn.key))
+            });
+            let req = crate::conntable::requests_figure(h2.as_ref(), &conn.counters);
+            feed::counters_of(&conn.counters, &req)
+        };
+        let queued = self.follow_open(id, || CtJob::Close {
+            id,
+            at,
+            lifetime,
+            counters: final_counters(),
+        });
+        if !queued && analyzer.tracks(id) {
+            analyzer.on_sample(id, at, &final_counters());
+            analyzer.on_close(id, at, lifetime);
+        }
+    }
+
     fn apply(&self, batch: reader::Batch) {
         for e in &batch.errors {
             tracing::warn!(error = %e, "undecodable record");
             self.metrics.lost_user(e.reason());
         }
         let inv = self.identity.snapshot();
-        let mut lookups = Vec::new();
         {
             let mut table = self.table();
             let mut analyzer = self.analyzer();
@@ -187,35 +298,20 @@ impl Shared {
                 match &change {
                     Change::Opened(conn) => {
                         self.identity.learn(&inv, conn);
-                        if Identity::needs_backend(&inv, conn) {
-                            lookups.push(conn.key);
-                        }
-                        if let Some(open) =
-                            feed::open_of(&self.identity, &inv, conn, ev.ts_ns, false)
+                        let queued = Identity::needs_backend(&inv, conn)
+                            && self.request_lookup(CtJob::Open {
+                                conn: Box::new(conn.clone()),
+                                at: ev.ts_ns,
+                            });
+                        if !queued
+                            && let Some(open) =
+                                feed::open_of(&self.identity, &inv, conn, ev.ts_ns, false)
                         {
                             analyzer.on_open(open);
                         }
                     }
                     Change::Closed { conn, duration } => {
-                        // Only connections the analyzer tracks (a local pod dialling a
-                        // service): the node's other sockets close without any lookup.
-                        if let Some(id) = feed::conn_id(conn).filter(|id| analyzer.tracks(*id)) {
-                            // The final figures: counters from the close record, requests from
-                            // the scanner state the kernel keeps after close.
-                            let h2 = self.probe.get().and_then(|p| {
-                                p.lock()
-                                    .ok()?
-                                    .h2_state(&crate::conntable::h2_key(&conn.key))
-                            });
-                            let req =
-                                crate::conntable::requests_figure(h2.as_ref(), &conn.counters);
-                            analyzer.on_sample(
-                                id,
-                                ev.ts_ns,
-                                &feed::counters_of(&conn.counters, &req),
-                            );
-                            analyzer.on_close(id, ev.ts_ns, *duration);
-                        }
+                        self.feed_close(&mut analyzer, conn, ev.ts_ns, *duration);
                     }
                     _ => {}
                 }
@@ -223,7 +319,6 @@ impl Shared {
             }
             self.metrics.active.set(table.len() as i64);
         }
-        self.request_backends(lookups);
         for ev in batch.events {
             // No subscribers is the normal case for the daemon.
             let _ = self.events.send(ev);
@@ -324,7 +419,9 @@ impl Agent {
                             .map(|c| c.key)
                             .collect()
                     });
-                    shared.request_backends(lookups);
+                    for key in lookups {
+                        shared.request_lookup(CtJob::Resolve(key));
+                    }
                     shared.metrics.recovered.inc_by(added as u64);
                     tracing::info!(
                         namespaces = scan.namespaces,
@@ -435,9 +532,7 @@ impl Agent {
             k.stop().await;
         }
         // Ends the conntrack resolver thread.
-        if let Ok(mut tx) = self.shared.conntrack.lock() {
-            tx.take();
-        }
+        self.shared.resolver().take();
         drop(self.probe);
         tracing::info!("eBPF programs detached");
         match read {
@@ -593,41 +688,98 @@ fn start_conntrack(opts: &AgentOptions, shared: &Arc<Shared>) {
             return;
         }
     };
-    let (tx, rx) = std::sync::mpsc::sync_channel::<ConnKey>(CONNTRACK_QUEUE);
-    if let Ok(mut g) = shared.conntrack.lock() {
-        *g = Some(tx);
-    }
+    let (tx, rx) = std::sync::mpsc::channel::<CtJob>();
+    *shared.resolver() = Some(Resolver {
+        tx,
+        queued_opens: Default::default(),
+        pending: 0,
+    });
     let weak = Arc::downgrade(shared);
     let spawned = std::thread::Builder::new()
         .name("conntrack".into())
         .spawn(move || {
-            while let Ok(key) = rx.recv() {
+            while let Ok(job) = rx.recv() {
                 let Some(shared) = weak.upgrade() else { return };
-                match ct.reply_tuple(Tuple::new(key.local, key.remote)) {
-                    Ok(Some(reply)) => {
-                        let inv = shared.identity.snapshot();
-                        let mut table = shared.table();
-                        if table.set_backend(&key, reply.src)
-                            && let Some(conn) = table.get(&key)
-                            && let (Some(id), Some(backend)) = (
-                                feed::conn_id(conn),
-                                feed::backend_of(&shared.identity, &inv, conn),
-                            )
-                        {
-                            shared.analyzer().on_backend(id, backend, monotonic_ns());
-                        }
-                        drop(table);
-                        shared.metrics.conntrack_lookup("found");
-                    }
-                    Ok(None) => shared.metrics.conntrack_lookup("missing"),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "conntrack lookup failed");
-                        shared.metrics.conntrack_lookup("error");
-                    }
-                }
+                resolve_job(&shared, &ct, job);
             }
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the conntrack thread");
+    }
+}
+
+/// Looks up the backend kube-proxy chose for a connection: the reply tuple's source.
+fn backend_via(shared: &Shared, ct: &Conntrack, key: &ConnKey) -> Option<SocketAddr> {
+    match ct.reply_tuple(Tuple::new(key.local, key.remote)) {
+        Ok(Some(reply)) => {
+            shared.metrics.conntrack_lookup("found");
+            Some(reply.src)
+        }
+        Ok(None) => {
+            shared.metrics.conntrack_lookup("missing");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "conntrack lookup failed");
+            shared.metrics.conntrack_lookup("error");
+            None
+        }
+    }
+}
+
+/// One job of the conntrack thread. Lock order as elsewhere: table, then analyzer; the resolver
+/// is locked alone.
+fn resolve_job(shared: &Shared, ct: &Conntrack, job: CtJob) {
+    match job {
+        CtJob::Resolve(key) => {
+            let backend = backend_via(shared, ct, &key);
+            if let Some(backend) = backend {
+                let inv = shared.identity.snapshot();
+                let mut table = shared.table();
+                if table.set_backend(&key, backend)
+                    && let Some(conn) = table.get(&key)
+                    && let (Some(id), Some(pod)) = (
+                        feed::conn_id(conn),
+                        feed::backend_of(&shared.identity, &inv, conn),
+                    )
+                {
+                    shared.analyzer().on_backend(id, pod, monotonic_ns());
+                }
+            }
+            if let Some(r) = shared.resolver().as_mut() {
+                r.done(None);
+            }
+        }
+        CtJob::Open { mut conn, at } => {
+            conn.backend = backend_via(shared, ct, &conn.key);
+            {
+                let inv = shared.identity.snapshot();
+                let mut table = shared.table();
+                // The same connection still open (not a later one on the same ports).
+                if let Some(backend) = conn.backend
+                    && table.get(&conn.key).is_some_and(|c| c.sock == conn.sock)
+                {
+                    table.set_backend(&conn.key, backend);
+                }
+                if let Some(open) = feed::open_of(&shared.identity, &inv, &conn, at, false) {
+                    shared.analyzer().on_open(open);
+                }
+            }
+            if let Some(r) = shared.resolver().as_mut() {
+                r.done(feed::conn_id(&conn));
+            }
+        }
+        CtJob::Close {
+            id,
+            at,
+            lifetime,
+            counters,
+        } => {
+            let mut analyzer = shared.analyzer();
+            if analyzer.tracks(id) {
+                analyzer.on_sample(id, at, &counters);
+                analyzer.on_close(id, at, lifetime);
+            }
+        }
     }
 }

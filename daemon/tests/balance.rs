@@ -11,9 +11,9 @@ use fanout::{
     identity::IdentitySource,
 };
 use xtask::{
-    grpc::{GrpcServer, Policy, ServerOptions, Target, run_client},
+    grpc::{ClientReport, GrpcClient, GrpcServer, Policy, ServerOptions, StopHandle, Target},
     http,
-    lab::Lab,
+    lab::{Lab, Pod},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,28 +31,23 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
         &["rr", "pf", "dial"],
         3,
         Duration::from_secs(4),
+        Service::Headless,
         |i| ServerOptions::new(format!("api-{i}")),
     )
     .await;
     let backends: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
 
-    // About 10 s of calls from each client at once; the balance is read while they still run,
-    // once more than a whole 4 s window has passed.
+    // Each client calls every 40 ms until stopped, all at once; the balance is read while they
+    // run, once more than a whole 4 s window has passed.
     let pace = Duration::from_millis(40);
-    let runs: Vec<_> = [
+    let runs: Vec<Running> = [
         Policy::RoundRobin,
         Policy::PickFirst,
         Policy::DialPerRequest,
     ]
     .into_iter()
     .enumerate()
-    .map(|(i, policy)| {
-        let pod = lab.pod(i).clone();
-        let target = Target::Addrs(backends.clone());
-        std::thread::spawn(move || {
-            run_client(&pod, policy, target, 260, pace, Duration::from_secs(30))
-        })
-    })
+    .map(|(i, policy)| Running::start(lab.pod(i), policy, Target::Addrs(backends.clone()), pace))
     .collect();
     tokio::time::sleep(Duration::from_millis(6500)).await;
     let (code, body) = http::get(agent.http_addr(), "/services/shop/api/balance").expect("GET");
@@ -84,6 +79,36 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
     );
     let (dial, dial_b) = verdict_of("dial");
     assert_eq!(dial, Verdict::DialPerRequest.as_str(), "{dial_b:#}");
+
+    // The metrics say the same per client pod: verdict, ready and connected backends.
+    let m = scrape(&agent);
+    for (client, b) in [("rr", &rr_b), ("pf", &pf_b), ("dial", &dial_b)] {
+        let pod = [("pod", client)];
+        for v in Verdict::ALL {
+            let want = if b["verdict"] == v.as_str() { 1.0 } else { 0.0 };
+            assert_eq!(
+                m.one(
+                    "fanout_lb_verdict",
+                    &[("pod", client), ("verdict", v.as_str())]
+                ),
+                want,
+                "{client}: {v:?} vs {b:#}"
+            );
+        }
+        let ready = m.one("fanout_service_backends_ready", &pod);
+        assert_eq!(Some(ready), b["ready"].as_f64(), "{client}");
+        let connected = m.one("fanout_service_backends_connected", &pod);
+        // The API and the scrape evaluate a moment apart: a dialling client may be between
+        // connections at one of them.
+        if client != "dial" {
+            assert_eq!(Some(connected), b["connected"].as_f64(), "{client}");
+        }
+    }
+    let skew = m.one("fanout_request_skew_ratio", &[("pod", "pf")]);
+    assert!(
+        (skew - 3.0).abs() < 1e-9,
+        "pick_first: one of 3 takes all: {skew}"
+    );
 
     // The peers API, for the round_robin client, while its connections are live.
     let (code, body) = http::get(agent.http_addr(), "/pods/shop/rr/peers").expect("GET");
@@ -152,13 +177,87 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
     let pf_text = String::from_utf8_lossy(&pf_out.stdout);
     assert!(pf_text.contains("pick_first"), "{pf_text}");
 
-    let reports: Vec<_> = runs
-        .into_iter()
-        .map(|t| t.join().expect("client thread").expect("client"))
-        .collect();
+    let reports: Vec<_> = runs.into_iter().map(Running::stop).collect();
     for r in &reports {
-        assert_eq!(r.succeeded, 260, "{r:?}");
+        assert_eq!(r.failed(), 0, "{r:?}");
+        assert!(r.succeeded >= 100, "the clients ran all along: {r:?}");
     }
+
+    // Once the clients have closed their connections, the counters match what the clients did,
+    // per client pod and backend pod, exactly.
+    let m = metrics_when(&agent, Duration::from_secs(10), |m| {
+        ["rr", "pf", "dial"].iter().all(|c| {
+            let pod = [("pod", *c)];
+            m.sum("fanout_connections_active", &pod) == 0.0
+                && m.sum("fanout_connections_opened_total", &pod)
+                    == m.sum("fanout_connections_closed_total", &pod)
+        })
+    });
+    for (client, r) in ["rr", "pf", "dial"].iter().zip(&reports) {
+        let pod = [("pod", *client)];
+        assert_eq!(
+            m.sum("fanout_connections_opened_total", &pod),
+            r.connections_opened as f64,
+            "{client}: {r:?}"
+        );
+        assert_eq!(
+            m.one("fanout_connection_duration_seconds_count", &pod),
+            r.connections_opened as f64,
+            "{client}: every closed connection has its lifetime"
+        );
+        for (backend, calls) in &r.per_backend {
+            let h2 = [
+                ("pod", *client),
+                ("backend_pod", backend.as_str()),
+                ("source", "h2"),
+            ];
+            assert_eq!(
+                m.one("fanout_requests_total", &h2),
+                *calls as f64,
+                "{client} {backend}"
+            );
+        }
+        let all = m.sum(
+            "fanout_requests_total",
+            &[("pod", *client), ("source", "h2")],
+        );
+        assert_eq!(
+            all, r.succeeded as f64,
+            "{client}: no request counted twice"
+        );
+        assert_eq!(
+            m.sum(
+                "fanout_requests_total",
+                &[("pod", *client), ("source", "messages")]
+            ),
+            0.0,
+            "{client}: cleartext HTTP/2 never falls back to messages"
+        );
+        for direction in ["sent", "received"] {
+            let d = [("pod", *client), ("direction", direction)];
+            assert!(
+                m.sum("fanout_bytes_total", &d) > 0.0,
+                "{client} {direction}"
+            );
+        }
+    }
+    // pick_first sent everything to one backend; round_robin opened exactly one per backend.
+    assert_eq!(reports[1].per_backend.len(), 1, "{:?}", reports[1]);
+    for i in 3..6 {
+        let b = format!("api-{i}");
+        let rr = [("pod", "rr"), ("backend_pod", b.as_str())];
+        assert_eq!(m.one("fanout_connections_opened_total", &rr), 1.0, "{b}");
+    }
+    for s in &m.samples {
+        assert_ne!(s.label("backend_pod"), Some("_unknown"), "{s:?}");
+        for (_, v) in &s.labels {
+            assert!(
+                v.parse::<std::net::IpAddr>().is_err() && v.parse::<SocketAddr>().is_err(),
+                "no IP or port as a label value: {s:?}"
+            );
+        }
+    }
+    assert_eq!(m.one("fanout_series_dropped_total", &[]), 0.0);
 
     // Unknown service: a JSON 404.
     let (code, body) = http::get(agent.http_addr(), "/services/shop/nope/balance").expect("GET");
@@ -170,14 +269,24 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// How shop/api is reached.
+enum Service {
+    /// Headless: clients dial the pods' addresses (port 8080).
+    Headless,
+    /// A ClusterIP (port 80 → 8080) that the lab node DNATs to a random backend per connection,
+    /// as kube-proxy does; the agent learns the backend from the node's conntrack table.
+    ClusterIp(SocketAddr),
+}
+
 /// A lab agent on an inventory with client pods `clients` (pods 0..) and `backends` pods after
-/// them (`api-<pod index>`) behind the headless service shop/api, serving gRPC on :8080.
+/// them (`api-<pod index>`) behind the service shop/api, serving gRPC on :8080.
 /// Returns the agent, the gRPC servers and the inventory's directory.
 async fn clients_and_backends(
     lab: &Lab,
     clients: &[&str],
     backends: usize,
     window: Duration,
+    service: Service,
     server: impl Fn(usize) -> ServerOptions,
 ) -> (Agent, Vec<GrpcServer>, std::path::PathBuf) {
     let first = clients.len();
@@ -200,7 +309,24 @@ async fn clients_and_backends(
             lab.pod(i).ipv4
         ));
     }
-    y.push_str("services:\n  - {name: api, namespace: shop, headless: true, ports: [{port: 8080}], selector: {app: api}}\n");
+    let (kind, conntrack_netns) = match service {
+        Service::Headless => ("headless: true, ports: [{port: 8080}]".to_string(), None),
+        Service::ClusterIp(vip) => {
+            let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+            lab.add_cluster_ip(vip, &addrs).expect("cluster ip");
+            (
+                format!(
+                    "cluster_ip: {}, ports: [{{port: {}, target_port: 8080}}]",
+                    vip.ip(),
+                    vip.port()
+                ),
+                Some(lab.node_netns_path()),
+            )
+        }
+    };
+    y.push_str(&format!(
+        "services:\n  - {{name: api, namespace: shop, {kind}, selector: {{app: api}}}}\n"
+    ));
     let dir = std::env::temp_dir().join(format!("fanout-balance-{}", lab.prefix));
     std::fs::create_dir_all(&dir).expect("dir");
     let inv = dir.join("inventory.yaml");
@@ -216,6 +342,7 @@ async fn clients_and_backends(
             window,
             ..AnalysisConfig::default()
         },
+        conntrack_netns,
         ..AgentOptions::default()
     })
     .await
@@ -224,6 +351,160 @@ async fn clients_and_backends(
         .await
         .expect("ready");
     (agent, servers, dir)
+}
+
+/// A gRPC client calling on its own thread until stopped (or [`CLIENT_DEADLINE`] passes), so
+/// a test reads the agent while the traffic certainly still flows, however slow the machine.
+struct Running {
+    stop: StopHandle,
+    thread: std::thread::JoinHandle<Result<ClientReport, String>>,
+}
+
+/// Bounds every client in these tests.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(60);
+
+impl Running {
+    fn start(pod: &Pod, policy: Policy, target: Target, pace: Duration) -> Running {
+        let client = GrpcClient::start(pod, policy, target, CLIENT_DEADLINE).expect("client");
+        let stop = client.stop_handle();
+        let thread = std::thread::spawn(move || {
+            // The count only bounds the loop; the stop ends it.
+            client.calls(100_000, pace).map_err(|e| e.to_string())?;
+            client.finish().map_err(|e| e.to_string())
+        });
+        Running { stop, thread }
+    }
+
+    /// Stops the client, which closes its connections, and returns what it did.
+    fn stop(self) -> ClientReport {
+        self.stop.stop();
+        self.thread
+            .join()
+            .expect("client thread")
+            .expect("client report")
+    }
+}
+
+/// One sample of a scrape: name, labels and value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+impl Sample {
+    fn label(&self, k: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn matches(&self, name: &str, labels: &[(&str, &str)]) -> bool {
+        self.name == name && labels.iter().all(|(k, v)| self.label(k) == Some(*v))
+    }
+}
+
+/// The samples of one `/metrics` scrape (the text format; label values here never hold quotes).
+#[derive(Debug)]
+struct Scrape {
+    samples: Vec<Sample>,
+}
+
+impl Scrape {
+    fn parse(text: &str) -> Scrape {
+        let mut samples = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').expect("`series value`");
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, parse_labels(rest)),
+                None => (series, Vec::new()),
+            };
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().unwrap_or_else(|_| panic!("value in {line}")),
+            };
+            samples.push(Sample {
+                name: name.to_string(),
+                labels,
+                value,
+            });
+        }
+        Scrape { samples }
+    }
+
+    /// The value of the one sample of `name` with `labels`; panics unless exactly one matches.
+    fn one(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let m: Vec<&Sample> = self
+            .samples
+            .iter()
+            .filter(|s| s.matches(name, labels))
+            .collect();
+        assert_eq!(m.len(), 1, "{name} {labels:?}: {m:?}");
+        m[0].value
+    }
+
+    /// The sum over every sample of `name` with `labels`.
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| s.matches(name, labels))
+            .map(|s| s.value)
+            .sum()
+    }
+}
+
+/// `k="v",k2="v2"}` (after the opening brace) into pairs; values may hold escapes and commas.
+fn parse_labels(text: &str) -> Vec<(String, String)> {
+    let mut labels = Vec::new();
+    let mut chars = text.chars();
+    loop {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        let key = key.trim_start_matches(',');
+        if key.is_empty() || key == "}" {
+            return labels;
+        }
+        assert_eq!(
+            chars.next(),
+            Some('"'),
+            "a quoted value for {key} in {text}"
+        );
+        let mut value = String::new();
+        loop {
+            match chars.next().expect("closing quote") {
+                '\\' => value.push(chars.next().expect("escaped character")),
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        labels.push((key.to_string(), value));
+    }
+}
+
+fn scrape(agent: &Agent) -> Scrape {
+    let (code, body) = http::get(agent.http_addr(), "/metrics").expect("GET /metrics");
+    assert_eq!(code, 200, "{body}");
+    Scrape::parse(&body)
+}
+
+/// Scrapes until `ready` holds; panics with the last scrape after `timeout`.
+fn metrics_when(agent: &Agent, timeout: Duration, ready: impl Fn(&Scrape) -> bool) -> Scrape {
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        let m = scrape(agent);
+        if ready(&m) {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the metrics did not settle in {timeout:?}: {m:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn balance_of(agent: &Agent, client: &str) -> serde_json::Value {
@@ -247,24 +528,23 @@ async fn stale_resolver_is_flagged_with_the_backends_it_never_found() {
         "run as root (cargo xtask test)"
     );
     let lab = Lab::new(5).expect("lab");
-    let (agent, servers, dir) =
-        clients_and_backends(&lab, &["client"], 4, Duration::from_secs(3), |i| {
-            ServerOptions::new(format!("api-{i}"))
-        })
-        .await;
+    let (agent, servers, dir) = clients_and_backends(
+        &lab,
+        &["client"],
+        4,
+        Duration::from_secs(3),
+        Service::Headless,
+        |i| ServerOptions::new(format!("api-{i}")),
+    )
+    .await;
     let resolved: Vec<SocketAddr> = servers[..2].iter().map(|s| s.addr).collect();
-    let pod = lab.pod(0).clone();
-    let run = std::thread::spawn(move || {
-        let target = Target::Resolver(std::sync::Arc::new(move || resolved.clone()));
-        run_client(
-            &pod,
-            Policy::RoundRobin,
-            target,
-            200,
-            Duration::from_millis(40),
-            Duration::from_secs(30),
-        )
-    });
+    let target = Target::Resolver(std::sync::Arc::new(move || resolved.clone()));
+    let run = Running::start(
+        lab.pod(0),
+        Policy::RoundRobin,
+        target,
+        Duration::from_millis(40),
+    );
     tokio::time::sleep(Duration::from_millis(6000)).await;
     let b = balance_of(&agent, "client");
     assert_eq!(b["verdict"], Verdict::StaleResolver.as_str(), "{b:#}");
@@ -277,8 +557,8 @@ async fn stale_resolver_is_flagged_with_the_backends_it_never_found() {
         (b["ready"].as_u64(), b["connected"].as_u64()),
         (Some(4), Some(2))
     );
-    let report = run.join().expect("thread").expect("client");
-    assert_eq!(report.succeeded, 200);
+    let report = run.stop();
+    assert_eq!(report.failed(), 0, "{report:?}");
     assert_eq!(servers[2].stats().calls + servers[3].stats().calls, 0);
     agent.shutdown().await.expect("shutdown");
     let _ = std::fs::remove_dir_all(&dir);
@@ -295,25 +575,26 @@ async fn max_connection_age_rotation_is_not_dial_per_request() {
         "run as root (cargo xtask test)"
     );
     let lab = Lab::new(4).expect("lab");
-    let (agent, servers, dir) =
-        clients_and_backends(&lab, &["client"], 3, Duration::from_secs(4), |i| {
+    let (agent, servers, dir) = clients_and_backends(
+        &lab,
+        &["client"],
+        3,
+        Duration::from_secs(4),
+        Service::Headless,
+        |i| {
             let mut o = ServerOptions::new(format!("api-{i}"));
             o.max_connection_age = Some(Duration::from_millis(1200));
             o
-        })
-        .await;
+        },
+    )
+    .await;
     let backends: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-    let pod = lab.pod(0).clone();
-    let run = std::thread::spawn(move || {
-        run_client(
-            &pod,
-            Policy::RoundRobin,
-            Target::Addrs(backends),
-            220,
-            Duration::from_millis(40),
-            Duration::from_secs(30),
-        )
-    });
+    let run = Running::start(
+        lab.pod(0),
+        Policy::RoundRobin,
+        Target::Addrs(backends),
+        Duration::from_millis(40),
+    );
     tokio::time::sleep(Duration::from_millis(6500)).await;
     let b = balance_of(&agent, "client");
     assert_eq!(b["verdict"], Verdict::RoundRobin.as_str(), "{b:#}");
@@ -321,9 +602,90 @@ async fn max_connection_age_rotation_is_not_dial_per_request() {
         b["opens"].as_u64().unwrap_or(0) >= 3,
         "connections rotated: {b:#}"
     );
-    let report = run.join().expect("thread").expect("client");
-    assert_eq!(report.succeeded, 220);
+    let report = run.stop();
+    assert_eq!(report.failed(), 0, "{report:?}");
     assert!(servers.iter().map(|s| s.stats().goaways).sum::<u64>() >= 3);
     agent.shutdown().await.expect("shutdown");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client dialling per request through a ClusterIP: the node picks a backend per connection,
+/// so the client's own view names only the VIP. fanout's opens, requests and verdict still name
+/// every backend pod, each with exactly what the servers saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialling_through_a_cluster_ip_is_counted_per_backend_pod() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root (cargo xtask test)"
+    );
+    let lab = Lab::new(4).expect("lab");
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+    let (agent, servers, dir) = clients_and_backends(
+        &lab,
+        &["dial"],
+        3,
+        Duration::from_secs(4),
+        Service::ClusterIp(vip),
+        |i| ServerOptions::new(format!("api-{i}")),
+    )
+    .await;
+    let run = Running::start(
+        lab.pod(0),
+        Policy::DialPerRequest,
+        Target::Vip(vip),
+        Duration::from_millis(40),
+    );
+    tokio::time::sleep(Duration::from_millis(6000)).await;
+    let b = balance_of(&agent, "dial");
+    assert_eq!(b["verdict"], Verdict::DialPerRequest.as_str(), "{b:#}");
+    assert_eq!(b["ready"], 3, "{b:#}");
+    assert_eq!(b["connected"], 3, "the backend pods behind the VIP: {b:#}");
+    let report = run.stop();
+    assert_eq!(report.failed(), 0, "{report:?}");
+    let stats: Vec<_> = servers.iter().map(|s| s.stats()).collect();
+    assert!(
+        stats.iter().all(|s| s.connections > 0),
+        "the node spread the connections: {stats:?}"
+    );
+
+    let m = metrics_when(&agent, Duration::from_secs(10), |m| {
+        let pod = [("pod", "dial")];
+        m.sum("fanout_connections_active", &pod) == 0.0
+            && m.sum("fanout_connections_opened_total", &pod)
+                == m.sum("fanout_connections_closed_total", &pod)
+    });
+    for (i, s) in (1..).zip(&stats) {
+        let name = format!("api-{i}");
+        let l = [("pod", "dial"), ("backend_pod", name.as_str())];
+        assert_eq!(
+            m.one("fanout_connections_opened_total", &l),
+            s.connections as f64,
+            "{name}: {s:?}"
+        );
+        let h2 = [
+            ("pod", "dial"),
+            ("backend_pod", name.as_str()),
+            ("source", "h2"),
+        ];
+        assert_eq!(
+            m.one("fanout_requests_total", &h2),
+            s.calls as f64,
+            "{name}"
+        );
+    }
+    assert_eq!(
+        m.sum("fanout_connections_opened_total", &[("pod", "dial")]),
+        report.connections_opened as f64
+    );
+    assert!(
+        m.samples
+            .iter()
+            .all(|s| s.label("backend_pod") != Some("_unknown")),
+        "every connection was resolved to its backend pod"
+    );
+    agent.shutdown().await.expect("shutdown");
+    drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
 }
