@@ -783,3 +783,78 @@ fn resolve_job(shared: &Shared, ct: &Conntrack, job: CtJob) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conntable::{Direction, Origin};
+
+    fn key(port: u16) -> ConnKey {
+        ConnKey {
+            netns: 1,
+            local: SocketAddr::from(([10, 244, 0, 2], port)),
+            remote: SocketAddr::from(([10, 96, 0, 10], 80)),
+        }
+    }
+
+    fn open(sock: u64, port: u16) -> CtJob {
+        CtJob::Open {
+            conn: Box::new(Conn {
+                key: key(port),
+                direction: Direction::Outbound,
+                origin: Origin::Traced,
+                sock,
+                owner: None,
+                opened_ns: Some(1),
+                backend: None,
+                counters: Default::default(),
+                requests: None,
+            }),
+            at: 1,
+        }
+    }
+
+    #[test]
+    fn a_reused_socket_stays_queued_until_each_of_its_opens_is_handled() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut r = Resolver {
+            tx,
+            queued_opens: Default::default(),
+            pending: 0,
+        };
+        let id = analysis::ConnId(7);
+        assert!(r.lookup(open(7, 40000)));
+        assert!(r.lookup(open(7, 40002)));
+        assert_eq!((r.pending, r.queued_opens.get(&id)), (2, Some(&2)));
+        r.done(Some(id));
+        assert!(
+            r.queued_opens.contains_key(&id),
+            "the second open is still queued: its close must follow it"
+        );
+        r.done(Some(id));
+        assert!(r.queued_opens.is_empty());
+        assert_eq!(r.pending, 0);
+        assert_eq!(rx.try_iter().count(), 2);
+    }
+
+    #[test]
+    fn lookups_beyond_the_queue_bound_or_without_a_thread_are_refused() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut r = Resolver {
+            tx,
+            queued_opens: Default::default(),
+            pending: 0,
+        };
+        for i in 0..CONNTRACK_QUEUE {
+            assert!(r.lookup(CtJob::Resolve(key(i as u16))));
+        }
+        assert!(!r.lookup(open(9, 1)), "the queue is full");
+        assert!(!r.queued_opens.contains_key(&analysis::ConnId(9)));
+        r.done(None);
+        assert!(r.lookup(open(9, 1)));
+        drop(rx);
+        r.done(None);
+        assert!(!r.lookup(open(10, 2)), "the thread is gone");
+        assert_eq!(r.pending, CONNTRACK_QUEUE - 1);
+    }
+}

@@ -557,6 +557,16 @@ async fn stale_resolver_is_flagged_with_the_backends_it_never_found() {
         (b["ready"].as_u64(), b["connected"].as_u64()),
         (Some(4), Some(2))
     );
+    let m = scrape(&agent);
+    let verdict = [
+        ("pod", "client"),
+        ("verdict", Verdict::StaleResolver.as_str()),
+    ];
+    assert_eq!(m.one("fanout_lb_verdict", &verdict), 1.0);
+    assert_eq!(
+        m.one("fanout_service_backends_ready", &[("pod", "client")]),
+        4.0
+    );
     let report = run.stop();
     assert_eq!(report.failed(), 0, "{report:?}");
     assert_eq!(servers[2].stats().calls + servers[3].stats().calls, 0);
@@ -602,6 +612,8 @@ async fn max_connection_age_rotation_is_not_dial_per_request() {
         b["opens"].as_u64().unwrap_or(0) >= 3,
         "connections rotated: {b:#}"
     );
+    let verdict = [("pod", "client"), ("verdict", Verdict::RoundRobin.as_str())];
+    assert_eq!(scrape(&agent).one("fanout_lb_verdict", &verdict), 1.0);
     let report = run.stop();
     assert_eq!(report.failed(), 0, "{report:?}");
     assert!(servers.iter().map(|s| s.stats().goaways).sum::<u64>() >= 3);
