@@ -237,7 +237,7 @@ const DEMO_CLIENTS: [&str; 3] = ["checkout", "cart", "search"];
 /// Runs the three gRPC clients side by side against shop/pricing-grpc and prints fanout's
 /// verdict for each.
 fn demo_grpc(lab: &Lab, daemon: &Daemon) -> Result<()> {
-    use xtask::grpc::{GrpcServer, Policy, ServerOptions, Target, run_client};
+    use xtask::grpc::{GrpcClient, GrpcServer, Policy, ServerOptions, Target};
     println!();
     println!(
         "== gRPC: checkout (round_robin), cart (pick_first) and search (a dial per call) call \
@@ -254,6 +254,7 @@ fn demo_grpc(lab: &Lab, daemon: &Daemon) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let backends: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    // Each client calls every 40 ms on its own thread until stopped (bounded by 30 s).
     let runs: Vec<_> = [
         Policy::RoundRobin,
         Policy::PickFirst,
@@ -262,20 +263,20 @@ fn demo_grpc(lab: &Lab, daemon: &Daemon) -> Result<()> {
     .into_iter()
     .enumerate()
     .map(|(i, policy)| {
-        let pod = lab.pod(4 + i).clone();
-        let target = Target::Addrs(backends.clone());
-        std::thread::spawn(move || {
-            run_client(
-                &pod,
-                policy,
-                target,
-                220,
-                Duration::from_millis(40),
-                Duration::from_secs(30),
-            )
-        })
+        let client = GrpcClient::start(
+            lab.pod(4 + i),
+            policy,
+            Target::Addrs(backends.clone()),
+            Duration::from_secs(30),
+        )?;
+        let stop = client.stop_handle();
+        let thread = std::thread::spawn(move || {
+            client.calls(10_000, Duration::from_millis(40))?;
+            client.finish()
+        });
+        Ok((stop, thread))
     })
-    .collect();
+    .collect::<Result<_>>()?;
     // More than one 5 s analysis window of traffic, read while the clients still call.
     std::thread::sleep(Duration::from_millis(6500));
     let (code, body) = http::get(daemon.addr, "/services/shop/pricing-grpc/balance")?;
@@ -311,8 +312,16 @@ fn demo_grpc(lab: &Lab, daemon: &Daemon) -> Result<()> {
             b["reason"].as_str().unwrap_or("")
         );
     }
-    for r in runs {
-        let report = r
+    let (_, metrics) = http::get(daemon.addr, "/metrics")?;
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("fanout_lb_verdict{") && l.ends_with(" 1"))
+    {
+        println!("   {line}");
+    }
+    for (stop, thread) in runs {
+        stop.stop();
+        let report = thread
             .join()
             .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
         if report.failed() > 0 {
