@@ -128,7 +128,9 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// Runs the benchmark and writes `out` (BENCHMARKS.md).
-pub fn run(bin: &Path, rounds: usize, conns: usize, out: &Path) -> Result<()> {
+/// Runs the tracer benchmark and writes BENCHMARKS.md with it and `scrape`, the table that
+/// `cargo bench -p fanout --bench scrape` printed.
+pub fn run(bin: &Path, rounds: usize, conns: usize, scrape: &str, out: &Path) -> Result<()> {
     let lab = Lab::new(2)?;
     let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
     let warmup = 200;
@@ -248,6 +250,25 @@ pub fn run(bin: &Path, rounds: usize, conns: usize, out: &Path) -> Result<()> {
         r.sort_by(|a, b| a.total_cmp(b));
         let list: Vec<String> = r.iter().map(|v| format!("{v:.0}")).collect();
         writeln!(md, "- {}: {}", setup.name(), list.join(", "))?;
+    }
+    writeln!(md)?;
+    writeln!(md, "## Scrape cost of the balance metrics")?;
+    writeln!(md)?;
+    writeln!(
+        md,
+        "`daemon/benches/scrape.rs`, in process: client/service pairs of 3 backends each, one \
+         reused connection per backend sampled every second, up to the default series cap \
+         (50 000). \"analyzer locked\" is how long a scrape holds the analyzer (and with it \
+         the event path) to take its snapshot; the rest of the encode runs unlocked. Medians \
+         of 9 scrapes, in one run."
+    )?;
+    writeln!(md)?;
+    let table: Vec<&str> = scrape.lines().filter(|l| l.starts_with('|')).collect();
+    if table.len() < 3 {
+        bail!("the scrape benchmark printed no table:\n{scrape}");
+    }
+    for l in table {
+        writeln!(md, "{l}")?;
     }
     std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;
     print!("{md}");

@@ -40,7 +40,8 @@ enum Task {
         #[arg(long, default_value_t = 0)]
         watch: u64,
     },
-    /// Measure the tracer's cost on connection throughput; writes BENCHMARKS.md.
+    /// Measure the tracer's cost on connection throughput and the balance metrics' scrape cost;
+    /// writes BENCHMARKS.md.
     Bench {
         #[arg(long, default_value_t = 7)]
         rounds: usize,
@@ -76,6 +77,21 @@ fn target_dir() -> PathBuf {
 fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(&cargo, args)
+}
+
+/// Runs cargo and returns what it printed on stdout (stderr goes to ours).
+fn cargo_stdout(args: &[&str]) -> Result<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    String::from_utf8(out.stdout).context("cargo printed something that is not UTF-8")
 }
 
 fn run(program: &str, args: &[&str]) -> Result<()> {
@@ -129,7 +145,14 @@ fn main() -> Result<()> {
             setup::run()?;
             cargo(&["build", "--release", "--package", "fanout"])?;
             let bin = target_dir().join("release/fanout");
-            xtask::bench::run(&bin, rounds, conns, &workspace_root().join("BENCHMARKS.md"))
+            let scrape = cargo_stdout(&["bench", "--package", "fanout", "--bench", "scrape"])?;
+            xtask::bench::run(
+                &bin,
+                rounds,
+                conns,
+                &scrape,
+                &workspace_root().join("BENCHMARKS.md"),
+            )
         }
         Task::Lab { cmd: LabCmd::Clean } => {
             for ns in lab::sweep(true) {
