@@ -143,7 +143,8 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
         assert!(body.contains("\"error\""), "{path}: {body}");
     }
 
-    // `fanout verify` against the live agent agrees: round_robin passes, pick_first fails.
+    // `fanout verify` against the live agent agrees: round_robin passes, pick_first and the
+    // dialling client fail.
     let endpoint = format!("http://{}", agent.http_addr());
     let verify = move |client: &'static str| {
         let endpoint = endpoint.clone();
@@ -176,6 +177,10 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
     assert_eq!(pf_out.status.code(), Some(1));
     let pf_text = String::from_utf8_lossy(&pf_out.stdout);
     assert!(pf_text.contains("pick_first"), "{pf_text}");
+    let dial_out = verify("shop/dial").await.expect("join");
+    assert_eq!(dial_out.status.code(), Some(1));
+    let dial_text = String::from_utf8_lossy(&dial_out.stdout);
+    assert!(dial_text.contains("dial_per_request"), "{dial_text}");
 
     let reports: Vec<_> = runs.into_iter().map(Running::stop).collect();
     for r in &reports {
