@@ -120,6 +120,14 @@ struct Resolver {
 }
 
 impl Resolver {
+    fn new(tx: std::sync::mpsc::Sender<CtJob>) -> Self {
+        Resolver {
+            tx,
+            queued_opens: Default::default(),
+            pending: 0,
+        }
+    }
+
     /// Queues a lookup unless the queue is full or the thread is gone.
     fn lookup(&mut self, job: CtJob) -> bool {
         if self.pending >= CONNTRACK_QUEUE {
@@ -689,11 +697,7 @@ fn start_conntrack(opts: &AgentOptions, shared: &Arc<Shared>) {
         }
     };
     let (tx, rx) = std::sync::mpsc::channel::<CtJob>();
-    *shared.resolver() = Some(Resolver {
-        tx,
-        queued_opens: Default::default(),
-        pending: 0,
-    });
+    *shared.resolver() = Some(Resolver::new(tx));
     let weak = Arc::downgrade(shared);
     let spawned = std::thread::Builder::new()
         .name("conntrack".into())
@@ -817,11 +821,7 @@ mod tests {
     #[test]
     fn a_reused_socket_stays_queued_until_each_of_its_opens_is_handled() {
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut r = Resolver {
-            tx,
-            queued_opens: Default::default(),
-            pending: 0,
-        };
+        let mut r = Resolver::new(tx);
         let id = analysis::ConnId(7);
         assert!(r.lookup(open(7, 40000)));
         assert!(r.lookup(open(7, 40002)));
@@ -840,11 +840,7 @@ mod tests {
     #[test]
     fn lookups_beyond_the_queue_bound_or_without_a_thread_are_refused() {
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut r = Resolver {
-            tx,
-            queued_opens: Default::default(),
-            pending: 0,
-        };
+        let mut r = Resolver::new(tx);
         for i in 0..CONNTRACK_QUEUE {
             assert!(r.lookup(CtJob::Resolve(key(i as u16))));
         }
