@@ -13,17 +13,12 @@ use fanout::{
 use xtask::{
     grpc::{ClientReport, GrpcClient, GrpcServer, Policy, ServerOptions, StopHandle, Target},
     http,
-    lab::{Lab, Pod},
+    lab::{self, Lab, Pod},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root (cargo xtask test)"
-    );
+    lab::require_root("the balance tests load eBPF programs and build a lab");
     // pod0..2: clients; pod3..5: backends api-3..api-5.
     let lab = Lab::new(6).expect("lab");
     let (agent, servers, dir) = clients_and_backends(
@@ -526,12 +521,7 @@ fn balance_of(agent: &Agent, client: &str) -> serde_json::Value {
 /// it never connects to them while its connections stay up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_resolver_is_flagged_with_the_backends_it_never_found() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root (cargo xtask test)"
-    );
+    lab::require_root("the balance tests load eBPF programs and build a lab");
     let lab = Lab::new(5).expect("lab");
     let (agent, servers, dir) = clients_and_backends(
         &lab,
@@ -583,12 +573,7 @@ async fn stale_resolver_is_flagged_with_the_backends_it_never_found() {
 /// second: churn with long-lived connections is round_robin, not a dial per request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connection_age_rotation_is_not_dial_per_request() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root (cargo xtask test)"
-    );
+    lab::require_root("the balance tests load eBPF programs and build a lab");
     let lab = Lab::new(4).expect("lab");
     let (agent, servers, dir) = clients_and_backends(
         &lab,
@@ -631,12 +616,7 @@ async fn max_connection_age_rotation_is_not_dial_per_request() {
 /// every backend pod, each with exactly what the servers saw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dialling_through_a_cluster_ip_is_counted_per_backend_pod() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root (cargo xtask test)"
-    );
+    lab::require_root("the balance tests load eBPF programs and build a lab");
     let lab = Lab::new(4).expect("lab");
     let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
     let (agent, servers, dir) = clients_and_backends(

@@ -48,12 +48,7 @@ fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) ->
 
 #[test]
 fn binary_serves_endpoints_and_detaches_on_sigterm() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test runs the daemon, which loads eBPF programs: run it as root (cargo xtask test)"
-    );
+    lab::require_root("this test runs the daemon, which loads eBPF programs");
     let (lab, server) = lab::client_server(false, 3).expect("lab");
     let client = lab.pod(0).clone();
 

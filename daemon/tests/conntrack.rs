@@ -19,13 +19,7 @@ const SERVICE_V6: &str = "[fd00:96::10]:80";
 const BACKEND_PORT: u16 = 8080;
 
 fn require_root_and(tool: &str) {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the conntrack tests create network namespaces and iptables rules: run them as root \
-         (cargo xtask test)"
-    );
+    xtask::lab::require_root("the conntrack tests create network namespaces and iptables rules");
     let found = Command::new(tool)
         .arg("--version")
         .output()

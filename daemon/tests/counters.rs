@@ -76,12 +76,7 @@ async fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_messages_and_grpc_requests_are_counted_exactly() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root (cargo xtask test)"
-    );
+    xtask::lab::require_root("the counters test loads eBPF programs and builds a lab");
     let (lab, server) = lab::client_server(false, 4).expect("lab");
     let agent = Agent::start(AgentOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),

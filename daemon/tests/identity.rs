@@ -56,12 +56,7 @@ fn inventory(lab: &Lab) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_connection_names_client_service_and_backend() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root (cargo xtask test)"
-    );
+    xtask::lab::require_root("the identity test loads eBPF programs and builds a lab");
     let lab = Lab::new(7).expect("lab");
     let servers: Vec<EchoServer> = (1..=6)
         .map(|i| {

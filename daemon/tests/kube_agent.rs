@@ -57,12 +57,7 @@ async fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_mode_gates_readiness_and_attributes_lab_connections() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root (cargo xtask test)"
-    );
+    xtask::lab::require_root("the kube-mode agent test loads eBPF programs and builds a lab");
     let lab = Lab::new(3).expect("lab");
     let servers: Vec<EchoServer> = (1..=2)
         .map(|i| {

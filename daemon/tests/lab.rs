@@ -21,13 +21,7 @@ use tokio::sync::broadcast;
 use xtask::lab;
 
 fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the lab tests load eBPF programs and create network namespaces: run them as root \
-         (cargo xtask test)"
-    );
+    lab::require_root("the lab tests load eBPF programs and create network namespaces");
     assert!(
         std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
         "kernel BTF (/sys/kernel/btf/vmlinux) is missing: fanout needs CONFIG_DEBUG_INFO_BTF"

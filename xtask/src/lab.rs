@@ -625,6 +625,14 @@ pub fn connect_many(
     })
 }
 
+/// Fails the calling test unless it runs as root: root lab tests never skip silently. `what`
+/// says what the test needs root for.
+pub fn require_root(what: &str) {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "{what}: run as root (cargo xtask test)");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,12 +641,7 @@ mod tests {
     /// lands (replies are un-NATed across the bridge), for IPv4 and IPv6.
     #[test]
     fn cluster_ip_reaches_every_backend() {
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "lab tests need root (cargo xtask test)"
-        );
+        require_root("lab tests create network namespaces and iptables rules");
         let lab = Lab::new(4).expect("lab");
         for (v6, vip) in [(false, "10.96.0.10:80"), (true, "[fd00:96::10]:80")] {
             let vip: SocketAddr = vip.parse().expect("vip");

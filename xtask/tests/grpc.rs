@@ -22,12 +22,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 const PACE: Duration = Duration::from_millis(2);
 
 fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the gRPC lab tests need root to create network namespaces (run `cargo xtask test` as root)"
-    );
+    xtask::lab::require_root("the gRPC lab tests create network namespaces");
 }
 
 /// A lab of 4 pods: pod0 is the client, pods 1..=3 run `backend-1..=3`.
