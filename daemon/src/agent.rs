@@ -231,7 +231,7 @@ impl Shared {
         r.tx.send(close()).is_ok()
     }
 
-    /// The analyzer, locked. Lock order: table, then analyzer, then probe.
+    /// The analyzer, locked. Lock order: table, then analyzer, then the resolver, then probe.
     pub fn analyzer(&self) -> MutexGuard<'_, Analyzer> {
         self.analyzer.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -280,12 +280,17 @@ impl Shared {
             let req = crate::conntable::requests_figure(h2.as_ref(), &conn.counters);
             feed::counters_of(&conn.counters, &req)
         };
-        let queued = self.follow_open(id, || CtJob::Close {
-            id,
-            at,
-            lifetime,
-            counters: final_counters(),
-        });
+        // Only an outbound connection with no backend yet can have its open queued (see
+        // `Identity::needs_backend`); the node's other closes skip the resolver's lock.
+        let may_be_queued =
+            conn.direction == crate::conntable::Direction::Outbound && conn.backend.is_none();
+        let queued = may_be_queued
+            && self.follow_open(id, || CtJob::Close {
+                id,
+                at,
+                lifetime,
+                counters: final_counters(),
+            });
         if !queued && analyzer.tracks(id) {
             analyzer.on_sample(id, at, &final_counters());
             analyzer.on_close(id, at, lifetime);
@@ -731,8 +736,8 @@ fn backend_via(shared: &Shared, ct: &Conntrack, key: &ConnKey) -> Option<SocketA
     }
 }
 
-/// One job of the conntrack thread. Lock order as elsewhere: table, then analyzer; the resolver
-/// is locked alone.
+/// One job of the conntrack thread. Lock order as elsewhere (see [`Shared::analyzer`]): table,
+/// then analyzer; the resolver is locked alone, after both are released.
 fn resolve_job(shared: &Shared, ct: &Conntrack, job: CtJob) {
     match job {
         CtJob::Resolve(key) => {
