@@ -19,7 +19,7 @@ use prometheus_client::{
     metrics::MetricType,
 };
 
-use crate::analysis::{Analyzer, AnalyzerStats, Balance, KeyTotals, Nanos, SlotTotals, Verdict};
+use crate::analysis::{Analyzer, AnalyzerStats, BackendTotals, Balance, KeyTotals, Nanos, Verdict};
 use crate::identity::model::ObjectRef;
 
 /// Encodes the analyzer's figures at each scrape.
@@ -77,18 +77,18 @@ fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
     m.encode_family(labels)?.encode_gauge(&v)
 }
 
-/// One series per backend: an extra label (none when empty), its value, and the count.
-type Split = (&'static str, &'static str, fn(&SlotTotals) -> u64);
+/// One series per backend: an extra label (none when empty), its value, and the figure.
+type Split = (&'static str, &'static str, fn(&BackendTotals) -> u64);
 
-/// Encodes one counter family over every backend of every key.
-fn backend_counter(
+/// Encodes one counter or gauge family over every backend of every key.
+fn backend_family(
     enc: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
+    (name, help, kind): (&str, &str, MetricType),
     totals: &[KeyTotals],
     split: &[Split],
 ) -> fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    let is_counter = matches!(kind, MetricType::Counter);
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
     for k in totals {
         for b in &k.backends {
             for (label, value, get) in split {
@@ -96,11 +96,12 @@ fn backend_counter(
                 if !label.is_empty() {
                     extra.push((label, value));
                 }
-                counter(
-                    &mut m,
-                    &with(pair_labels(&k.client, &k.service), &extra),
-                    get(&b.totals),
-                )?;
+                let labels = with(pair_labels(&k.client, &k.service), &extra);
+                if is_counter {
+                    counter(&mut m, &labels, get(b))?;
+                } else {
+                    gauge(&mut m, &labels, get(b))?;
+                }
             }
         }
     }
@@ -108,38 +109,37 @@ fn backend_counter(
 }
 
 fn encode_snapshot(s: &Snapshot, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
-    backend_counter(
+    backend_family(
         &mut enc,
-        "fanout_connections_opened",
-        "Connections this node's pods opened to a service, by backend pod (counted once the \
-         backend is known; _unknown when it is not a second after the open)",
+        (
+            "fanout_connections_opened",
+            "Connections this node's pods opened to a service, by backend pod (counted once the \
+             backend is known; _unknown when it is not a second after the open)",
+            MetricType::Counter,
+        ),
         &s.totals,
-        &[("", "", |t| t.opened)],
+        &[("", "", |b| b.totals.opened)],
     )?;
-    backend_counter(
+    backend_family(
         &mut enc,
-        "fanout_connections_closed",
-        "Connections this node's pods closed to a service, by backend pod",
+        (
+            "fanout_connections_closed",
+            "Connections this node's pods closed to a service, by backend pod",
+            MetricType::Counter,
+        ),
         &s.totals,
-        &[("", "", |t| t.closed)],
+        &[("", "", |b| b.totals.closed)],
     )?;
-    {
-        let mut m = enc.encode_descriptor(
+    backend_family(
+        &mut enc,
+        (
             "fanout_connections_active",
             "Live connections of this node's pods to a service, by backend pod",
-            None,
             MetricType::Gauge,
-        )?;
-        for k in &s.totals {
-            for b in &k.backends {
-                let labels = with(
-                    pair_labels(&k.client, &k.service),
-                    &[("backend_pod", b.name.as_str())],
-                );
-                gauge(&mut m, &labels, b.active)?;
-            }
-        }
-    }
+        ),
+        &s.totals,
+        &[("", "", |b| b.active)],
+    )?;
     {
         let mut m = enc.encode_descriptor(
             "fanout_connection_duration_seconds",
@@ -160,25 +160,31 @@ fn encode_snapshot(s: &Snapshot, mut enc: DescriptorEncoder<'_>) -> fmt::Result 
                 .encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &buckets, None)?;
         }
     }
-    backend_counter(
+    backend_family(
         &mut enc,
-        "fanout_requests",
-        "Requests of this node's pods to a service, by backend pod and source: h2 = HTTP/2 \
-         streams the client opened, messages = sendmsg calls (TLS or unparsable traffic)",
+        (
+            "fanout_requests",
+            "Requests of this node's pods to a service, by backend pod and source: h2 = HTTP/2 \
+             streams the client opened, messages = sendmsg calls (TLS or unparsable traffic)",
+            MetricType::Counter,
+        ),
         &s.totals,
         &[
-            ("source", "h2", |t| t.requests_h2),
-            ("source", "messages", |t| t.requests_messages),
+            ("source", "h2", |b| b.totals.requests_h2),
+            ("source", "messages", |b| b.totals.requests_messages),
         ],
     )?;
-    backend_counter(
+    backend_family(
         &mut enc,
-        "fanout_bytes",
-        "Bytes this node's pods exchanged with a service, by backend pod and direction",
+        (
+            "fanout_bytes",
+            "Bytes this node's pods exchanged with a service, by backend pod and direction",
+            MetricType::Counter,
+        ),
         &s.totals,
         &[
-            ("direction", "sent", |t| t.bytes_sent),
-            ("direction", "received", |t| t.bytes_received),
+            ("direction", "sent", |b| b.totals.bytes_sent),
+            ("direction", "received", |b| b.totals.bytes_received),
         ],
     )?;
     type Count = (&'static str, &'static str, fn(&Balance) -> usize);
