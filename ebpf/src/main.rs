@@ -20,8 +20,9 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_skb_load_bytes,
+        bpf_probe_read_kernel, bpf_sk_fullsock, bpf_skb_load_bytes,
     },
+    bindings::bpf_sock,
     macros::{cgroup_skb, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, TracePointContext},
@@ -49,7 +50,8 @@ static RECORDS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map]
 static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, 0);
 
-/// HTTP/2 request counting state per connection egress direction, keyed by its addresses.
+/// HTTP/2 request counting state per connection egress direction, keyed by the socket's own
+/// addresses (never the packet's, which NAT in the client's namespace may have rewritten).
 /// LRU: connections that are not HTTP/2 leave their (unparsable) entries to be evicted.
 #[map]
 static H2: LruHashMap<H2Key, H2Scan> = LruHashMap::with_max_entries(65536, 0);
@@ -368,25 +370,96 @@ pub fn h2_egress(ctx: SkBuffContext) -> i32 {
     1
 }
 
-fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
-    let vihl: u8 = ctx.load(0)?;
+/// `::ffff:0:0/96`: an IPv4 address a dual-stack socket talks through.
+#[inline(always)]
+fn v4_mapped(w: &[u32; 4]) -> bool {
+    w[0] == 0 && w[1] == 0 && w[2] == u32::to_be(0xffff)
+}
+
+/// Reads one `bpf_sock` field with a load of exactly its size (the verifier refuses wider or
+/// merged loads of socket fields, which a struct copy could produce).
+macro_rules! sock_field {
+    ($sk:expr, $field:ident) => {
+        // SAFETY: `$sk` is a full socket pointer the verifier accepted.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$sk).$field)) }
+    };
+    ($sk:expr, $field:ident [ $i:expr ]) => {
+        // SAFETY: as above; the index is a constant within the array.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$sk).$field[$i])) }
+    };
+}
+
+/// The key of a socket's egress direction, from the socket's own addresses: what user space
+/// derives from the lifecycle record (local first; IPv4-mapped addresses as IPv4). Not the
+/// packet's addresses: a client in a network namespace that NATs its own traffic (a hostNetwork
+/// pod calling a ClusterIP: kube-proxy's DNAT in OUTPUT runs before this hook) sends packets
+/// that already carry the backend's address while its socket names the ClusterIP.
+#[inline(always)]
+fn socket_key(sk: *const bpf_sock) -> Option<H2Key> {
     let mut key = H2Key {
         local: [0; 16],
         remote: [0; 16],
-        local_port: 0,
-        remote_port: 0,
-        ip_version: vihl >> 4,
+        // src_port is in host order; dst_port in network order.
+        local_port: sock_field!(sk, src_port) as u16,
+        remote_port: u16::from_be(sock_field!(sk, dst_port)),
+        ip_version: 4,
         _pad: [0; 3],
     };
-    let l4 = match key.ip_version {
+    let family: u32 = sock_field!(sk, family);
+    if family == AF_INET as u32 {
+        let (src, dst): (u32, u32) = (sock_field!(sk, src_ip4), sock_field!(sk, dst_ip4));
+        key.local[..4].copy_from_slice(&src.to_ne_bytes());
+        key.remote[..4].copy_from_slice(&dst.to_ne_bytes());
+    } else if family == AF_INET6 as u32 {
+        let src: [u32; 4] = [
+            sock_field!(sk, src_ip6[0]),
+            sock_field!(sk, src_ip6[1]),
+            sock_field!(sk, src_ip6[2]),
+            sock_field!(sk, src_ip6[3]),
+        ];
+        let dst: [u32; 4] = [
+            sock_field!(sk, dst_ip6[0]),
+            sock_field!(sk, dst_ip6[1]),
+            sock_field!(sk, dst_ip6[2]),
+            sock_field!(sk, dst_ip6[3]),
+        ];
+        if v4_mapped(&src) && v4_mapped(&dst) {
+            key.local[..4].copy_from_slice(&src[3].to_ne_bytes());
+            key.remote[..4].copy_from_slice(&dst[3].to_ne_bytes());
+        } else {
+            key.ip_version = 6;
+            for i in 0..4 {
+                key.local[i * 4..i * 4 + 4].copy_from_slice(&src[i].to_ne_bytes());
+                key.remote[i * 4..i * 4 + 4].copy_from_slice(&dst[i].to_ne_bytes());
+            }
+        }
+    } else {
+        return None;
+    }
+    Some(key)
+}
+
+fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
+    // SAFETY: reading the context's socket pointer; the verifier checks the access.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return Ok(());
+    }
+    // SAFETY: helper call on the context's socket; NULL for request and timewait sockets, which
+    // send no payload.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return Ok(());
+    }
+    let Some(key) = socket_key(sk) else {
+        return Ok(());
+    };
+    let vihl: u8 = ctx.load(0)?;
+    let l4 = match vihl >> 4 {
         4 => {
             if ctx.load::<u8>(9)? != IPPROTO_TCP_U8 {
                 return Ok(());
             }
-            let src: [u8; 4] = ctx.load(12)?;
-            let dst: [u8; 4] = ctx.load(16)?;
-            key.local[..4].copy_from_slice(&src);
-            key.remote[..4].copy_from_slice(&dst);
             ((vihl & 0xf) as u32) * 4
         }
         6 => {
@@ -394,15 +467,11 @@ fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
             if ctx.load::<u8>(6)? != IPPROTO_TCP_U8 {
                 return Ok(());
             }
-            key.local = ctx.load(8)?;
-            key.remote = ctx.load(24)?;
             40
         }
         _ => return Ok(()),
     };
     let l4 = l4 as usize;
-    key.local_port = u16::from_be(ctx.load(l4)?);
-    key.remote_port = u16::from_be(ctx.load(l4 + 2)?);
     let seq = u32::from_be(ctx.load(l4 + 4)?);
     let doff: u8 = ctx.load(l4 + 12)?;
     let payload_off = l4 as u32 + ((doff >> 4) as u32) * 4;
