@@ -17,17 +17,21 @@ use tokio::{
 };
 
 use crate::{
-    analysis::{self, AnalysisConfig, Analyzer, feed},
+    analysis::{
+        self, AnalysisConfig, Analyzer, feed,
+        regress::{VerdictHistory, WorkloadKey},
+    },
     conntable::{Change, Conn, ConnKey, ConnTable, recover},
     event::{Event, reader},
     exposition::{http, metrics::Metrics},
+    features::{Feature, Features},
     identity::{
         Identity, IdentitySource,
-        conntrack::{Conntrack, Tuple},
+        conntrack::{Conntrack, ConntrackError, Tuple},
         kube::{KubeOptions, KubeSource},
         local::{self, InventoryError, ReloadOutcome},
     },
-    probe::{Probe, ProbeError, ProbeOptions},
+    probe::{Outcome, Probe, ProbeError, ProbeOptions},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +90,14 @@ impl Default for AgentOptions {
 
 /// Pending conntrack lookups beyond this are dropped (and counted).
 const CONNTRACK_QUEUE: usize = 4096;
+/// Client workloads whose last verdict per service is remembered, and for how long one that is
+/// no longer judged is (a rollout can take a while; a day covers a slow one).
+const VERDICT_HISTORY_CAP: usize = 10_000;
+const VERDICT_HISTORY_FORGET: Duration = Duration::from_secs(24 * 3600);
+/// `/livez` fails once the housekeeping loop has not run for this long.
+pub const LIVENESS_STALE: Duration = Duration::from_secs(30);
+/// How often every client's verdict is evaluated for the history.
+const VERDICT_EVERY: Duration = Duration::from_secs(5);
 
 /// Work for the conntrack thread, in the order the events happened.
 enum CtJob {
@@ -184,6 +196,12 @@ pub struct Shared {
     pub analyzer: Arc<Mutex<Analyzer>>,
     /// The probe, for reading a connection's final HTTP/2 count when it closes.
     probe: std::sync::OnceLock<Arc<Mutex<Probe>>>,
+    /// What works on this node and what fell back.
+    pub features: Features,
+    /// Each client workload's last verdict per service, for regressions.
+    verdicts: Mutex<VerdictHistory>,
+    /// When the housekeeping loop last ran (monotonic ns; 0 before the first run): `/livez`.
+    heartbeat: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -191,7 +209,17 @@ impl Shared {
         let analyzer = Arc::new(Mutex::new(analyzer));
         let mut metrics = Metrics::new();
         metrics.register_balance(analyzer.clone(), monotonic_ns);
+        let gauge = metrics.features.clone();
+        let features = Features::new(move |feature, enabled| {
+            crate::exposition::metrics::set_feature(&gauge, feature, enabled)
+        });
         Shared {
+            features,
+            heartbeat: Default::default(),
+            verdicts: Mutex::new(VerdictHistory::new(
+                VERDICT_HISTORY_CAP,
+                VERDICT_HISTORY_FORGET,
+            )),
             analyzer,
             probe: std::sync::OnceLock::new(),
             table: Mutex::new(ConnTable::new()),
@@ -249,6 +277,13 @@ impl Shared {
     /// Ready: programs attached, startup recovery done, identity synced.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && self.identity.is_synced()
+    }
+
+    /// Live: the housekeeping loop (loss counters, kernel map reads, verdicts) ran within
+    /// [`LIVENESS_STALE`], or has not had its first turn yet.
+    pub fn is_live(&self) -> bool {
+        let beat = self.heartbeat.load(Ordering::Acquire);
+        beat == 0 || monotonic_ns().saturating_sub(beat) < LIVENESS_STALE.as_nanos() as u64
     }
 
     pub fn refresh_gauges(&self) {
@@ -369,6 +404,14 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Reader(std::io::Error::other(e)))??;
         let shared = Arc::new(Shared::new(Analyzer::new(opts.analysis.clone())?));
+        for (feature, outcome) in &probe.outcomes {
+            match outcome {
+                Outcome::On(how) => shared.features.on(*feature, how.clone()),
+                Outcome::Off { reason, fix } => {
+                    shared.features.off(*feature, reason.clone(), fix.clone())
+                }
+            }
+        }
         let mut tasks = Vec::new();
         let kube = start_identity(&opts, &shared, &mut tasks).await?;
         start_conntrack(&opts, &shared);
@@ -410,6 +453,13 @@ impl Agent {
                         tokio::task::spawn_blocking(move || recover::scan(&proc_root, &dirs))
                             .await
                             .unwrap_or_default();
+                    let scan_report = RecoveryReport {
+                        namespaces: scan.namespaces,
+                        netns_unreachable: scan.netns_unreachable,
+                        enter_denied: scan.enter_denied,
+                        owners_denied: scan.owners_denied,
+                        owners_missing: scan.owners_missing,
+                    };
                     let added = shared.table().finish_recovery(scan.conns);
                     let inv = shared.identity.snapshot();
                     let now = monotonic_ns();
@@ -441,8 +491,12 @@ impl Agent {
                         connections = added,
                         "recovered connections that predate the daemon"
                     );
+                    report_recovery(&shared.features, &scan_report);
                 } else {
                     shared.table().finish_recovery(Vec::new());
+                    for f in [Feature::RecoveryNetns, Feature::RecoveryOwner] {
+                        shared.features.unused(f, "--no-recover");
+                    }
                 }
                 shared.ready.store(true, Ordering::Release);
             })
@@ -453,6 +507,7 @@ impl Agent {
             let kube_stats = kube.as_ref().map(|k| k.stats.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut last_verdicts = 0;
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {}
@@ -471,6 +526,12 @@ impl Agent {
                         Err(_) => return,
                     }
                     refresh_stats(&shared, &probe);
+                    let now = monotonic_ns();
+                    shared.heartbeat.store(now, Ordering::Release);
+                    if now.saturating_sub(last_verdicts) >= VERDICT_EVERY.as_nanos() as u64 {
+                        last_verdicts = now;
+                        track_verdicts(&shared, now);
+                    }
                     let dropped = shared.table().sweep(monotonic_ns());
                     if dropped > 0 {
                         tracing::debug!(dropped, "dropped stale pending connects");
@@ -552,6 +613,147 @@ impl Agent {
             Ok(r) => r.map_err(AgentError::Reader),
             Err(e) => Err(AgentError::Reader(std::io::Error::other(e))),
         }
+    }
+}
+
+/// What a startup scan could not read, for the features it degrades.
+struct RecoveryReport {
+    namespaces: usize,
+    netns_unreachable: usize,
+    enter_denied: usize,
+    owners_denied: usize,
+    owners_missing: usize,
+}
+
+fn report_recovery(features: &Features, r: &RecoveryReport) {
+    use crate::probe::caps;
+    let held = caps::effective();
+    if r.netns_unreachable == 0 && r.enter_denied == 0 {
+        features.on(
+            Feature::RecoveryNetns,
+            format!("{} network namespaces scanned", r.namespaces),
+        );
+    } else {
+        let mut why = Vec::new();
+        let mut fix = Vec::new();
+        if r.netns_unreachable > 0 {
+            why.push(format!(
+                "{} more network namespaces exist whose processes' /proc/<pid>/ns/net could not \
+                 be read (permission denied)",
+                r.netns_unreachable
+            ));
+            fix.push(if held.has(caps::SYS_PTRACE) {
+                "check the AppArmor or SELinux profile: reading another process's \
+                 /proc/<pid>/ns/net needs ptrace read access (the Helm chart runs unconfined)"
+            } else {
+                "add SYS_PTRACE to the container's capabilities: reading another process's \
+                 /proc/<pid>/ns/net needs ptrace read access"
+            });
+        }
+        if r.enter_denied > 0 {
+            why.push(format!(
+                "{} namespaces under /run/netns could not be entered",
+                r.enter_denied
+            ));
+            fix.push(
+                "entering a namespace no process lives in needs CAP_SYS_ADMIN; pod namespaces \
+                 always have a process, so do not mount /run/netns into the container",
+            );
+        }
+        features.off(
+            Feature::RecoveryNetns,
+            format!(
+                "{} network namespaces scanned: {}",
+                r.namespaces.saturating_sub(r.enter_denied),
+                why.join("; ")
+            ),
+            fix.join("; "),
+        );
+    }
+    // Unreadable fd tables only matter when they hide the owner of a recovered connection.
+    if r.owners_missing == 0 || r.owners_denied == 0 {
+        features.on(
+            Feature::RecoveryOwner,
+            format!(
+                "every recovered connection has its owner ({} fd tables unreadable, holding none)",
+                r.owners_denied
+            ),
+        );
+    } else {
+        let mut add = Vec::new();
+        if !held.has(caps::SYS_PTRACE) {
+            add.push("SYS_PTRACE (fd links of other processes)");
+        }
+        if !held.can_read_search() {
+            add.push("DAC_READ_SEARCH (fd directories of other users' processes)");
+        }
+        let fix = if add.is_empty() {
+            "check the AppArmor or SELinux profile (the Helm chart runs unconfined)".to_string()
+        } else {
+            format!("add {} to the container's capabilities", add.join(" and "))
+        };
+        features.off(
+            Feature::RecoveryOwner,
+            format!(
+                "{} recovered connections have no owner: the fd table of {} processes could not \
+                 be read (permission denied)",
+                r.owners_missing, r.owners_denied
+            ),
+            fix,
+        );
+    }
+}
+
+/// Evaluates every client's verdict, feeds the per-workload history and counts the changes.
+fn track_verdicts(shared: &Shared, now: analysis::Nanos) {
+    let balances = shared.analyzer().evaluate(now);
+    let inv = shared.identity.snapshot();
+    let judged = balances.into_iter().map(|b| {
+        let workload = inv
+            .pod(&b.client.namespace, &b.client.name)
+            .map(|p| format!("{}/{}", p.workload.kind, p.workload.name))
+            .unwrap_or_else(|| format!("Pod/{}", b.client.name));
+        (
+            WorkloadKey {
+                namespace: b.client.namespace,
+                workload,
+                service: b.service,
+            },
+            b.verdict,
+        )
+    });
+    let changes = shared
+        .verdicts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .observe(judged, now);
+    for c in changes {
+        let log = format!(
+            "{}/{} now {} for service {}/{} (was {})",
+            c.key.namespace,
+            c.key.workload,
+            c.to.as_str(),
+            c.key.service.namespace,
+            c.key.service.name,
+            c.from.as_str()
+        );
+        if c.is_regression() {
+            tracing::warn!("balance verdict got worse: {log}");
+        } else {
+            tracing::info!("balance verdict changed: {log}");
+        }
+        shared
+            .metrics
+            .verdict_changes
+            .get_or_create(&crate::exposition::metrics::VerdictChangeLabels {
+                namespace: c.key.namespace,
+                workload: c.key.workload,
+                service_namespace: c.key.service.namespace,
+                service: c.key.service.name,
+                from: c.from.as_str(),
+                to: c.to.as_str(),
+            })
+            .inc();
     }
 }
 
@@ -688,16 +890,52 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Clien
 /// Starts the thread that resolves ClusterIP connections to backends through conntrack.
 fn start_conntrack(opts: &AgentOptions, shared: &Arc<Shared>) {
     if matches!(opts.identity, IdentitySource::None) {
+        shared.features.unused(
+            Feature::Conntrack,
+            "no identity source: there are no services to resolve",
+        );
         return;
     }
     let ct = match &opts.conntrack_netns {
         Some(path) => Conntrack::open_in(path),
         None => Conntrack::open(),
     };
-    let ct = match ct {
-        Ok(ct) => ct,
+    let where_ = opts.conntrack_netns.as_ref().map_or_else(
+        || "the daemon's network namespace (the node's with hostNetwork)".to_string(),
+        |p| format!("network namespace {}", p.display()),
+    );
+    // A lookup of a tuple no connection has proves the kernel answers: not found is success.
+    let probe = ct.and_then(|ct| {
+        let none = Tuple::new(
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+        );
+        ct.reply_tuple(none).map(|_| ct)
+    });
+    let ct = match probe {
+        Ok(ct) => {
+            shared
+                .features
+                .on(Feature::Conntrack, format!("conntrack table of {where_}"));
+            ct
+        }
         Err(e) => {
-            tracing::warn!(error = %e, "conntrack unavailable: ClusterIP connections will have no backend");
+            let fix = match &e {
+                ConntrackError::Kernel { errno } if *errno == libc::EPERM => {
+                    "add NET_ADMIN to the container's capabilities (conntrack lookups over \
+                     netlink need it)"
+                }
+                ConntrackError::Namespace { .. } => {
+                    "run with hostNetwork instead of --conntrack-netns: entering another network \
+                     namespace needs CAP_SYS_ADMIN"
+                }
+                _ => "see the error; the node needs the nf_conntrack_netlink module",
+            };
+            shared.features.off(
+                Feature::Conntrack,
+                format!("conntrack lookups in {where_} fail: {e}"),
+                fix,
+            );
             return;
         }
     };

@@ -69,7 +69,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_recover: bool,
     /// cgroup v2 directory whose egress traffic is scanned for HTTP/2 requests (default: the
-    /// cgroup2 mount).
+    /// host's cgroup v2 root, found among the cgroup2 mounts (e.g. the host's /sys/fs/cgroup
+    /// mounted at /host/sys/fs/cgroup) or through <proc-root>/1/root; never a container's own
+    /// cgroup).
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
     /// Kernel BTF used to resolve struct offsets.
@@ -138,6 +140,7 @@ impl RunArgs {
                 wakeup_bytes: self.wakeup_bytes,
                 btf_path: self.btf.clone(),
                 cgroup_root: self.cgroup_root.clone(),
+                proc_root: self.proc_root.clone(),
             },
             listen: self.listen,
             poll_interval: self.poll_interval,

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod conntable;
 pub mod event;
 pub mod exposition;
+pub mod features;
 pub mod identity;
 pub mod probe;
 pub mod verify;

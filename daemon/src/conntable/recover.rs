@@ -4,6 +4,13 @@
 //! Namespaces are found through every thread's `/proc/<pid>/task/<tid>/ns/net` and through the
 //! bind mounts in `/run/netns` (namespaces that no process lives in, as `ip netns` makes them).
 //! Owners come from the socket inodes in `/proc/<pid>/fd`.
+//!
+//! What the scan could not read for lack of permission is counted, never skipped silently:
+//! another process's `ns/net` and fd links need ptrace access to it (CAP_SYS_PTRACE in a
+//! container, whose capabilities are fewer than the host's processes'), the fd directory of
+//! another user's process needs CAP_DAC_READ_SEARCH, and entering a namespace from `/run/netns`
+//! needs CAP_SYS_ADMIN. [`Scan`] carries those counts; the agent turns them into degraded
+//! features.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -120,14 +127,29 @@ pub fn connections(netns: u32, socks: &[ProcSock], owners: &HashMap<u64, Owner>)
         .collect()
 }
 
-fn inode_of_link(link: &Path, kind: &str) -> Option<u64> {
-    let target = std::fs::read_link(link).ok()?;
+/// The inode a `kind:[inode]` link names; a link that could not be read for lack of permission
+/// is counted in `denied`.
+fn inode_of_link_checked(link: &Path, kind: &str, denied: &mut usize) -> Option<u64> {
+    let target = match std::fs::read_link(link) {
+        Ok(t) => t,
+        Err(e) => {
+            if is_denied(&e) {
+                *denied += 1;
+            }
+            return None;
+        }
+    };
     let s = target.to_str()?;
     s.strip_prefix(kind)?
         .strip_prefix(":[")?
         .strip_suffix(']')?
         .parse()
         .ok()
+}
+
+/// EACCES or EPERM: the kernel refused, as opposed to a process that went away.
+fn is_denied(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::PermissionDenied
 }
 
 fn numeric_dirs(dir: &Path) -> Vec<u32> {
@@ -139,19 +161,26 @@ fn numeric_dirs(dir: &Path) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// Socket inode → owning process, from every process's fd table.
-fn socket_owners(proc: &Path) -> HashMap<u64, Owner> {
+/// Socket inode → owning process, from every process's fd table; and how many processes'
+/// fd tables could not be read for lack of permission.
+fn socket_owners(proc: &Path) -> (HashMap<u64, Owner>, usize) {
     let mut owners = HashMap::new();
+    let mut denied_processes = 0;
     for pid in numeric_dirs(proc) {
         let pdir = proc.join(pid.to_string());
         let comm = std::fs::read_to_string(pdir.join("comm"))
             .map(|c| c.trim_end().to_string())
             .unwrap_or_default();
-        let Ok(fds) = std::fs::read_dir(pdir.join("fd")) else {
-            continue;
+        let fds = match std::fs::read_dir(pdir.join("fd")) {
+            Ok(fds) => fds,
+            Err(e) => {
+                denied_processes += usize::from(is_denied(&e));
+                continue;
+            }
         };
+        let mut denied = 0;
         for fd in fds.flatten() {
-            if let Some(inode) = inode_of_link(&fd.path(), "socket") {
+            if let Some(inode) = inode_of_link_checked(&fd.path(), "socket", &mut denied) {
                 owners.entry(inode).or_insert_with(|| Owner {
                     pid,
                     tid: pid,
@@ -159,8 +188,9 @@ fn socket_owners(proc: &Path) -> HashMap<u64, Owner> {
                 });
             }
         }
+        denied_processes += usize::from(denied > 0);
     }
-    owners
+    (owners, denied_processes)
 }
 
 fn read_tables(dir: &Path) -> Vec<ProcSock> {
@@ -173,8 +203,9 @@ fn read_tables(dir: &Path) -> Vec<ProcSock> {
     socks
 }
 
-/// Reads tcp/tcp6 of a namespace no process lives in, from a thread that enters it.
-fn read_tables_in(ns_file: &Path) -> std::io::Result<Vec<ProcSock>> {
+/// Reads tcp/tcp6 of a namespace no process lives in, from a thread that enters it, with the
+/// namespace's [`table_id`].
+fn read_tables_in(ns_file: &Path) -> std::io::Result<(Vec<ProcSock>, Option<u64>)> {
     let f = File::open(ns_file)?;
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -182,7 +213,8 @@ fn read_tables_in(ns_file: &Path) -> std::io::Result<Vec<ProcSock>> {
             if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(read_tables(Path::new("/proc/thread-self/net")))
+            let net = Path::new("/proc/thread-self/net");
+            Ok((read_tables(net), table_id(net)))
         })
         .join()
         .map_err(|_| std::io::Error::other("netns reader thread panicked"))?
@@ -194,26 +226,66 @@ fn read_tables_in(ns_file: &Path) -> std::io::Result<Vec<ProcSock>> {
 pub struct Scan {
     pub conns: Vec<Conn>,
     pub namespaces: usize,
+    /// Network namespaces known to exist (a thread's `net/tcp` is readable, and its inode, which
+    /// is per namespace, was not among those scanned) whose identity could not be read for lack
+    /// of permission: their connections are missing.
+    pub netns_unreachable: usize,
+    /// `/run/netns` namespaces that could not be entered for lack of permission.
+    pub enter_denied: usize,
+    /// Processes whose fd table could not be read for lack of permission.
+    pub owners_denied: usize,
+    /// Recovered connections left without an owner (a socket inode no readable fd table holds).
+    pub owners_missing: usize,
+}
+
+/// The inode of a namespace's `net/tcp` entry: procfs makes one per network namespace, and it
+/// is readable without ptrace access, so it tells namespaces apart even where `ns/net` is not
+/// readable.
+fn table_id(net_dir: &Path) -> Option<u64> {
+    std::fs::metadata(net_dir.join("tcp")).ok().map(|m| m.ino())
 }
 
 /// Scans every network namespace on the host for existing connections.
 pub fn scan(proc: &Path, netns_dirs: &[PathBuf]) -> Scan {
-    let owners = socket_owners(proc);
+    let (owners, owners_denied) = socket_owners(proc);
     let mut seen: HashSet<u32> = HashSet::new();
-    let mut out = Scan::default();
+    // Namespaces by their net/tcp inode: those scanned, and those whose ns/net was denied.
+    let mut tables_seen: HashSet<u64> = HashSet::new();
+    let mut tables_denied: HashSet<u64> = HashSet::new();
+    let mut out = Scan {
+        owners_denied,
+        ..Scan::default()
+    };
+    let add = |out: &mut Scan, ns: u32, socks: &[ProcSock]| {
+        out.owners_missing += socks
+            .iter()
+            .filter(|s| is_connection_state(s.state) && s.inode != 0)
+            .filter(|s| !owners.contains_key(&s.inode))
+            .count();
+        out.conns.extend(connections(ns, socks, &owners));
+    };
     for pid in numeric_dirs(proc) {
         let tdir = proc.join(pid.to_string()).join("task");
         for tid in numeric_dirs(&tdir) {
             let task = tdir.join(tid.to_string());
-            let Some(ns) = inode_of_link(&task.join("ns/net"), "net") else {
+            let mut denied = 0;
+            let Some(ns) = inode_of_link_checked(&task.join("ns/net"), "net", &mut denied) else {
+                if denied > 0
+                    && let Some(t) = table_id(&task.join("net"))
+                {
+                    tables_denied.insert(t);
+                }
                 continue;
             };
             let ns = ns as u32;
             if !seen.insert(ns) {
                 continue;
             }
-            out.conns
-                .extend(connections(ns, &read_tables(&task.join("net")), &owners));
+            let net = task.join("net");
+            if let Some(t) = table_id(&net) {
+                tables_seen.insert(t);
+            }
+            add(&mut out, ns, &read_tables(&net));
         }
     }
     for dir in netns_dirs {
@@ -227,14 +299,21 @@ pub fn scan(proc: &Path, netns_dirs: &[PathBuf]) -> Scan {
                 continue;
             }
             match read_tables_in(&e.path()) {
-                Ok(socks) => out.conns.extend(connections(ns, &socks, &owners)),
+                Ok((socks, table)) => {
+                    tables_seen.extend(table);
+                    add(&mut out, ns, &socks);
+                }
                 Err(err) => {
+                    if is_denied(&err) {
+                        out.enter_denied += 1;
+                    }
                     tracing::warn!(path = %e.path().display(), %err, "cannot read namespace")
                 }
             }
         }
     }
     out.namespaces = seen.len();
+    out.netns_unreachable = tables_denied.difference(&tables_seen).count();
     out
 }
 

@@ -207,6 +207,37 @@ fn encode_snapshot(s: &Snapshot, mut enc: DescriptorEncoder<'_>) -> fmt::Result 
         }
     }
     {
+        // One series per ready backend of each service a client here calls (not per client:
+        // alerts join it with a client's connections to name the ready backends it never uses).
+        let ready: std::collections::BTreeSet<(&str, &str, &str)> = s
+            .balances
+            .iter()
+            .flat_map(|b| {
+                b.backends.iter().filter(|bb| bb.ready).map(|bb| {
+                    (
+                        b.service.namespace.as_str(),
+                        b.service.name.as_str(),
+                        bb.name.as_str(),
+                    )
+                })
+            })
+            .collect();
+        let mut m = enc.encode_descriptor(
+            "fanout_service_backend_ready",
+            "1 for each ready backend pod of a service this node's pods call",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (ns, svc, backend) in ready {
+            let labels = [
+                ("service_namespace", ns),
+                ("service", svc),
+                ("backend_pod", backend),
+            ];
+            gauge(&mut m, &labels.to_vec(), 1i64)?;
+        }
+    }
+    {
         let mut m = enc.encode_descriptor(
             "fanout_request_skew_ratio",
             "Largest backend's share of the window's requests / fair share (1 = even); absent \
@@ -406,6 +437,14 @@ mod tests {
             &format!(r#"fanout_connection_duration_seconds_bucket{{le="+Inf",{PAIR}}} 1"#),
         );
         has(&text, &format!("fanout_service_backends_ready{{{PAIR}}} 3"));
+        for i in 1..=3 {
+            has(
+                &text,
+                &format!(
+                    r#"fanout_service_backend_ready{{service_namespace="shop",service="pricing",backend_pod="pricing-{i}"}} 1"#
+                ),
+            );
+        }
         has(
             &text,
             &format!("fanout_service_backends_connected{{{PAIR}}} 3"),

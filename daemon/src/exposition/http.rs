@@ -1,4 +1,5 @@
-//! HTTP: `/metrics` (OpenMetrics), `/healthz`, `/connections` (the live table as JSON).
+//! HTTP: `/metrics` (OpenMetrics), `/healthz` (readiness), `/livez` (liveness), `/features`,
+//! `/connections` (the live table as JSON) and the balance APIs.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -22,6 +23,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/features", get(features))
         .route("/connections", get(connections))
         .route("/services/{namespace}/{name}/balance", get(service_balance))
         .route("/pods/{name}/peers", get(pod_peers_default_ns))
@@ -57,6 +60,26 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
     }
+}
+
+async fn livez(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.is_live() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "housekeeping stalled\n").into_response()
+    }
+}
+
+#[derive(Serialize)]
+struct FeaturesView {
+    features: Vec<crate::features::Status>,
+}
+
+async fn features(State(shared): State<Arc<Shared>>) -> Response {
+    Json(FeaturesView {
+        features: shared.features.snapshot(),
+    })
+    .into_response()
 }
 
 #[derive(Serialize, Debug)]

@@ -38,6 +38,22 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FeatureLabels {
+    pub feature: &'static str,
+}
+
+/// A client workload's verdict for a service changed (see [`crate::analysis::regress`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictChangeLabels {
+    pub namespace: String,
+    pub workload: String,
+    pub service_namespace: String,
+    pub service: String,
+    pub from: &'static str,
+    pub to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
     pub hooks: String,
@@ -60,9 +76,30 @@ pub struct Metrics {
     pub conntrack_lookups: Family<ResultLabels, Counter>,
     pub kube_watch_errors: Counter,
     pub kube_watch_restarts: Counter,
+    pub features: Family<FeatureLabels, Gauge>,
+    pub verdict_changes: Family<VerdictChangeLabels, Counter>,
     /// Kernel loss totals last read, to turn them into counter increments.
     kernel_lost_seen: [AtomicU64; fanout_common::LostReason::COUNT as usize],
     kube_seen: [AtomicU64; 2],
+}
+
+/// Sets (Some) or removes (None) a feature's `fanout_feature_enabled` series.
+pub fn set_feature(
+    family: &Family<FeatureLabels, Gauge>,
+    feature: crate::features::Feature,
+    enabled: Option<bool>,
+) {
+    let labels = FeatureLabels {
+        feature: feature.name(),
+    };
+    match enabled {
+        Some(on) => {
+            family.get_or_create(&labels).set(i64::from(on));
+        }
+        None => {
+            family.remove(&labels);
+        }
+    }
 }
 
 /// Raises `counter` to an externally kept running `total` (`seen` is the total last applied).
@@ -172,7 +209,23 @@ impl Metrics {
             "Kubernetes watch restarts with a full relist (e.g. after 410 Gone)",
             kube_watch_restarts.clone(),
         );
+        let features = Family::<FeatureLabels, Gauge>::default();
+        registry.register(
+            "fanout_feature_enabled",
+            "1 when a feature works, 0 when it fell back (the startup log and /features say why \
+             and how to fix it)",
+            features.clone(),
+        );
+        let verdict_changes = Family::<VerdictChangeLabels, Counter>::default();
+        registry.register(
+            "fanout_lb_verdict_changes",
+            "Changes of a client workload's balance verdict for a service, between decisive \
+             verdicts",
+            verdict_changes.clone(),
+        );
         Metrics {
+            features,
+            verdict_changes,
             identity_synced,
             inventory_reloads,
             conntrack_lookups,

@@ -1,9 +1,16 @@
 //! Probe: resolves kernel layouts, picks hooks, loads and attaches the eBPF programs.
 //!
-//! Links are owned by this process (nothing is pinned): dropping the [`Probe`] detaches every
-//! program, and a crash leaves nothing attached.
+//! Invariants:
+//! - Links are owned by this process (nothing is pinned): dropping the [`Probe`] detaches every
+//!   program, and a crash leaves nothing attached.
+//! - Only the lifecycle tracepoint is required: without it, or without CAP_BPF and CAP_PERFMON,
+//!   loading fails with an error that says what to add. Every other hook (accept owner, byte
+//!   counters, the HTTP/2 scanner) that cannot attach is reported in [`Probe::outcomes`] with the
+//!   reason and the fix, and the daemon runs without it.
 
 pub mod btf;
+pub mod caps;
+pub mod cgroup;
 pub mod tracefs;
 
 use std::path::PathBuf;
@@ -14,6 +21,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
 };
 use fanout_common::{Config, H2Key, KernelOffsets, LostReason, SockState, h2::H2Scan};
+
+use crate::features::Feature;
 
 use self::btf::{Btf, BtfError};
 use self::tracefs::TracefsError;
@@ -55,6 +64,8 @@ pub enum ProbeError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Capability(String),
 }
 
 /// Sizes and thresholds of the kernel side.
@@ -68,8 +79,11 @@ pub struct ProbeOptions {
     pub wakeup_bytes: u64,
     pub btf_path: PathBuf,
     /// cgroup v2 directory whose subtree's egress traffic is scanned for HTTP/2 requests (None:
-    /// the cgroup2 mount found in /proc/self/mounts; no mount: requests fall back to messages).
+    /// the host's cgroup v2 root, found as [`cgroup`] describes; none found: requests fall back
+    /// to messages).
     pub cgroup_root: Option<PathBuf>,
+    /// The host's /proc (for /proc/1/root, the host init's view of the cgroup2 mount).
+    pub proc_root: PathBuf,
 }
 
 impl Default for ProbeOptions {
@@ -80,6 +94,7 @@ impl Default for ProbeOptions {
             wakeup_bytes: 256 << 10,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             cgroup_root: None,
+            proc_root: PathBuf::from("/proc"),
         }
     }
 }
@@ -119,8 +134,6 @@ pub struct Capabilities {
     pub accept_tracepoints: bool,
     /// `sock/sock_send_length` and `sock/sock_recv_length`.
     pub msg_tracepoints: bool,
-    /// A cgroup v2 directory to attach the HTTP/2 egress scanner to.
-    pub cgroup_root: Option<PathBuf>,
 }
 
 /// Which hooks run. The lifecycle comes from `sock/inet_sock_set_state` on every supported kernel
@@ -132,7 +145,7 @@ pub struct HookPlan {
     pub accept_owner: Option<&'static str>,
     /// Byte and message counters per connection.
     pub counters: Option<&'static str>,
-    /// Where the HTTP/2 request scanner attaches.
+    /// Where the HTTP/2 request scanner attached (set once it did).
     pub h2_cgroup: Option<PathBuf>,
 }
 
@@ -149,7 +162,7 @@ impl HookPlan {
             counters: caps
                 .msg_tracepoints
                 .then_some("tracepoint:sock/sock_{send,recv}_length"),
-            h2_cgroup: caps.cgroup_root,
+            h2_cgroup: None,
         })
     }
 
@@ -195,6 +208,15 @@ pub struct Probe {
     /// Forwards the programs' aya-log records to `tracing`.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub plan: HookPlan,
+    /// What became of each optional hook: on (how) or off (why, and the fix).
+    pub outcomes: Vec<(Feature, Outcome)>,
+}
+
+/// What became of an optional hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    On(String),
+    Off { reason: String, fix: String },
 }
 
 /// The in-kernel log level (aya-log's `AYA_LOG_LEVEL`) matching the daemon's tracing level, so
@@ -215,16 +237,20 @@ impl Probe {
     /// Loads and attaches. Returns the probe and the ring buffer to read records from.
     pub fn load(opts: &ProbeOptions) -> Result<(Probe, RingBuf<MapData>), ProbeError> {
         opts.validate()?;
+        let held = caps::effective();
+        tracing::info!(capabilities = %held.describe(), "effective capabilities");
+        if let Some(gap) = caps::fatal_gap(held) {
+            return Err(ProbeError::Capability(gap));
+        }
         let root = tracefs::root()?;
-        let caps = Capabilities {
+        let kernel = Capabilities {
             set_state_tracepoint: tracefs::exists(&root, "sock", "inet_sock_set_state"),
             accept_tracepoints: tracefs::exists(&root, "syscalls", "sys_exit_accept4")
                 && tracefs::exists(&root, "syscalls", "sys_exit_accept"),
             msg_tracepoints: tracefs::exists(&root, "sock", "sock_send_length")
                 && tracefs::exists(&root, "sock", "sock_recv_length"),
-            cgroup_root: opts.cgroup_root.clone().or_else(cgroup2_root),
         };
-        let plan = HookPlan::choose(caps)?;
+        let mut plan = HookPlan::choose(kernel.clone())?;
         let btf = Btf::from_file(&opts.btf_path)?;
         let config = Config {
             tp: tracefs::layout(&root, plan.accept_owner.is_some(), plan.counters.is_some())?,
@@ -255,22 +281,60 @@ impl Probe {
             "sock",
             "inet_sock_set_state",
         )?;
-        if plan.accept_owner.is_some() {
-            attach(
-                &mut ebpf,
-                "sys_exit_accept4",
-                "syscalls",
-                "sys_exit_accept4",
-            )?;
-            attach(&mut ebpf, "sys_exit_accept", "syscalls", "sys_exit_accept")?;
+        let mut outcomes = Vec::new();
+        let kernel_fix = "a kernel with these tracepoints (Linux 4.16 or later with \
+                          CONFIG_FTRACE_SYSCALLS for the syscall ones)";
+        let accept = match plan.accept_owner {
+            None => Outcome::Off {
+                reason: "syscalls/sys_exit_accept{,4} tracepoints missing from this kernel".into(),
+                fix: kernel_fix.into(),
+            },
+            Some(hook) => [
+                ("sys_exit_accept4", "sys_exit_accept4"),
+                ("sys_exit_accept", "sys_exit_accept"),
+            ]
+            .into_iter()
+            .try_for_each(|(name, tp)| attach(&mut ebpf, name, "syscalls", tp))
+            .map_or_else(
+                |e| {
+                    plan.accept_owner = None;
+                    Outcome::Off {
+                        reason: e.to_string(),
+                        fix: "see the error; CAP_PERFMON attaches tracepoints".into(),
+                    }
+                },
+                |()| Outcome::On(hook.into()),
+            ),
+        };
+        outcomes.push((Feature::AcceptOwner, accept));
+        let counters = match plan.counters {
+            None => Outcome::Off {
+                reason: "sock/sock_{send,recv}_length tracepoints missing from this kernel".into(),
+                fix: "Linux 6.2 or later".into(),
+            },
+            Some(hook) => [
+                ("sock_send_length", "sock_send_length"),
+                ("sock_recv_length", "sock_recv_length"),
+            ]
+            .into_iter()
+            .try_for_each(|(name, tp)| attach(&mut ebpf, name, "sock", tp))
+            .map_or_else(
+                |e| {
+                    plan.counters = None;
+                    Outcome::Off {
+                        reason: e.to_string(),
+                        fix: "see the error; CAP_PERFMON attaches tracepoints".into(),
+                    }
+                },
+                |()| Outcome::On(hook.into()),
+            ),
+        };
+        outcomes.push((Feature::ByteCounters, counters));
+        let h2 = attach_h2(&mut ebpf, opts, held);
+        if let Outcome::On(_) = &h2.1 {
+            plan.h2_cgroup = h2.0;
         }
-        if plan.counters.is_some() {
-            attach(&mut ebpf, "sock_send_length", "sock", "sock_send_length")?;
-            attach(&mut ebpf, "sock_recv_length", "sock", "sock_recv_length")?;
-        }
-        if let Some(cg) = &plan.h2_cgroup {
-            attach_cgroup_skb(&mut ebpf, "h2_egress", cg)?;
-        }
+        outcomes.push((Feature::H2Requests, h2.1));
 
         let ring = ebpf
             .take_map("RECORDS")
@@ -300,6 +364,7 @@ impl Probe {
                 h2,
                 logger,
                 plan,
+                outcomes,
             },
             ring,
         ))
@@ -397,19 +462,80 @@ fn attach_cgroup_skb(
     Ok(())
 }
 
-/// The cgroup v2 mount point, from the mount table (/sys/fs/cgroup on unified hosts,
-/// /sys/fs/cgroup/unified on hybrid ones).
-pub fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    cgroup2_from_mounts(&mounts)
-}
-
-pub fn cgroup2_from_mounts(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(path))
-    })
+/// Finds the host's cgroup v2 root and attaches the HTTP/2 scanner there. Returns where, and
+/// the outcome.
+fn attach_h2(
+    ebpf: &mut Ebpf,
+    opts: &ProbeOptions,
+    held: caps::CapSet,
+) -> (Option<PathBuf>, Outcome) {
+    const MOUNT_FIX: &str = "mount the host's /sys/fs/cgroup into the container (hostPath, \
+        read-only; the Helm chart mounts it at /host/sys/fs/cgroup) or pass --cgroup-root with \
+        the host's cgroup v2 root";
+    let (path, subtree) = match cgroup::find_here(opts.cgroup_root.as_deref(), &opts.proc_root) {
+        cgroup::Found::Root(p) => (p, None),
+        cgroup::Found::Subtree(p, id) => (p, Some(id)),
+        cgroup::Found::None(tried) => {
+            let reason = if tried.is_empty() {
+                "no cgroup v2 hierarchy is mounted here, and the host's is not reachable through \
+                 <proc-root>/1/root (a cgroup v1-only host, or a container without the host's \
+                 /sys/fs/cgroup)"
+                    .to_string()
+            } else {
+                let list: Vec<String> = tried
+                    .iter()
+                    .map(|(p, why)| format!("{}: {why}", p.display()))
+                    .collect();
+                format!("no host cgroup v2 root found ({})", list.join("; "))
+            };
+            return (
+                None,
+                Outcome::Off {
+                    reason,
+                    fix: MOUNT_FIX.into(),
+                },
+            );
+        }
+    };
+    if let Some(id) = subtree {
+        tracing::warn!(
+            path = %path.display(),
+            cgroup_id = id,
+            "--cgroup-root is not the cgroup v2 hierarchy root: only sockets of processes \
+             below it are scanned for HTTP/2 requests"
+        );
+    }
+    match attach_cgroup_skb(ebpf, "h2_egress", &path) {
+        Ok(()) => {
+            let how = match subtree {
+                None => format!(
+                    "cgroup_skb/egress on the host cgroup v2 root {}",
+                    path.display()
+                ),
+                Some(id) => format!(
+                    "cgroup_skb/egress on {} (cgroup id {id}, a subtree, as asked)",
+                    path.display()
+                ),
+            };
+            (Some(path), Outcome::On(how))
+        }
+        Err(e) => {
+            let fix = if held.can_net_bpf() {
+                "see the error".to_string()
+            } else {
+                "add NET_ADMIN to the container's securityContext.capabilities.add (loading a \
+                 cgroup_skb program needs CAP_NET_ADMIN)"
+                    .to_string()
+            };
+            (
+                None,
+                Outcome::Off {
+                    reason: format!("attaching the HTTP/2 scanner to {}: {e}", path.display()),
+                    fix,
+                },
+            )
+        }
+    }
 }
 
 /// Where `ip netns` keeps named namespaces (scanned at startup besides /proc).
@@ -432,7 +558,6 @@ mod tests {
             set_state_tracepoint: false,
             accept_tracepoints: true,
             msg_tracepoints: true,
-            cgroup_root: None,
         };
         assert!(matches!(
             HookPlan::choose(none),
@@ -442,23 +567,12 @@ mod tests {
             set_state_tracepoint: true,
             accept_tracepoints: false,
             msg_tracepoints: false,
-            cgroup_root: None,
         };
         let plan = HookPlan::choose(no_accept).unwrap();
         assert_eq!(plan.accept_owner, None);
         assert!(plan.describe().contains("without owner"));
         assert!(plan.describe().contains("no byte counters"));
         assert!(plan.describe().contains("requests from messages"));
-    }
-
-    #[test]
-    fn finds_the_cgroup2_mount() {
-        let hybrid = "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(
-            cgroup2_from_mounts(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(cgroup2_from_mounts("proc /proc proc rw 0 0\n"), None);
     }
 
     #[test]

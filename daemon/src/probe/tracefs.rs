@@ -12,7 +12,11 @@ const CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing
 
 #[derive(Debug, thiserror::Error)]
 pub enum TracefsError {
-    #[error("tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {0}")]
+    #[error(
+        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {0}. In a \
+         container, mount the host's /sys/kernel/tracing at /sys/kernel/tracing (a read-only \
+         hostPath; the Helm chart does): mounting tracefs itself needs CAP_SYS_ADMIN"
+    )]
     Mount(std::io::Error),
     #[error("tracepoint {0} does not exist on this kernel ({1})")]
     Missing(String, std::io::Error),
