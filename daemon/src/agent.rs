@@ -442,10 +442,11 @@ impl Agent {
 
         tasks.push({
             let shared = shared.clone();
-            let (recover_on, proc_root, dirs) = (
+            let (recover_on, proc_root, dirs, poll_interval) = (
                 opts.recover,
                 opts.proc_root.clone(),
                 opts.netns_dirs.clone(),
+                opts.poll_interval,
             );
             tokio::spawn(async move {
                 if recover_on {
@@ -453,14 +454,26 @@ impl Agent {
                         tokio::task::spawn_blocking(move || recover::scan(&proc_root, &dirs))
                             .await
                             .unwrap_or_default();
-                    let scan_report = RecoveryReport {
+                    let ownerless = scan.ownerless;
+                    let mut scan_report = RecoveryReport {
                         namespaces: scan.namespaces,
                         netns_unreachable: scan.netns_unreachable,
                         enter_denied: scan.enter_denied,
                         owners_denied: scan.owners_denied,
-                        owners_missing: scan.owners_missing,
+                        owners_missing: 0,
                     };
                     let added = shared.table().finish_recovery(scan.conns);
+                    // Ownerless connections that were also traced (opened during the scan) get
+                    // their owner from the tracer once the reader has drained the records
+                    // submitted meanwhile (it polls every poll interval); only those recovery
+                    // alone knows count.
+                    tokio::time::sleep(poll_interval * 3).await;
+                    scan_report.owners_missing = shared.with_table(|t| {
+                        t.iter()
+                            .filter(|c| c.origin == crate::conntable::Origin::Recovered)
+                            .filter(|c| c.owner.is_none() && ownerless.contains(&c.key))
+                            .count()
+                    });
                     let inv = shared.identity.snapshot();
                     let now = monotonic_ns();
                     let opens: Vec<_> = shared.with_table(|t| {
@@ -722,12 +735,37 @@ fn track_verdicts(shared: &Shared, now: analysis::Nanos) {
             b.verdict,
         )
     });
-    let changes = shared
+    let observed = shared
         .verdicts
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .observe(judged, now);
-    for c in changes {
+    let labels = |k: &WorkloadKey, from: analysis::Verdict, to: analysis::Verdict| {
+        crate::exposition::metrics::VerdictChangeLabels {
+            namespace: k.namespace.clone(),
+            workload: k.workload.clone(),
+            service_namespace: k.service.namespace.clone(),
+            service: k.service.name.clone(),
+            from: from.as_str(),
+            to: to.as_str(),
+        }
+    };
+    let family = &shared.metrics.verdict_changes;
+    for k in &observed.forgotten {
+        for from in analysis::Verdict::ALL {
+            for to in analysis::Verdict::ALL {
+                family.remove(&labels(k, from, to));
+            }
+        }
+    }
+    // Every regression possible from the remembered verdict exists at 0 ahead of time, so the
+    // first one is an increase Prometheus can see.
+    for (k, v) in &observed.remembered {
+        for worse in analysis::regress::worse_than(*v) {
+            let _ = family.get_or_create(&labels(k, *v, worse));
+        }
+    }
+    for c in observed.changes {
         let log = format!(
             "{}/{} now {} for service {}/{} (was {})",
             c.key.namespace,
@@ -742,18 +780,7 @@ fn track_verdicts(shared: &Shared, now: analysis::Nanos) {
         } else {
             tracing::info!("balance verdict changed: {log}");
         }
-        shared
-            .metrics
-            .verdict_changes
-            .get_or_create(&crate::exposition::metrics::VerdictChangeLabels {
-                namespace: c.key.namespace,
-                workload: c.key.workload,
-                service_namespace: c.key.service.namespace,
-                service: c.key.service.name,
-                from: c.from.as_str(),
-                to: c.to.as_str(),
-            })
-            .inc();
+        family.get_or_create(&labels(&c.key, c.from, c.to)).inc();
     }
 }
 

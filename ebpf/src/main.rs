@@ -18,11 +18,11 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
+    bindings::bpf_sock,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_sk_fullsock, bpf_skb_load_bytes,
     },
-    bindings::bpf_sock,
     macros::{cgroup_skb, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, TracePointContext},

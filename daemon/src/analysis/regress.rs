@@ -13,6 +13,10 @@
 //! - The first decisive verdict of a workload is remembered, not counted. Memory is bounded: at
 //!   most `cap` workloads, and one not judged for `forget` is dropped (the least recently judged
 //!   goes first when the cap is reached).
+//! - [`Observed`] also says which workloads got a (new) remembered verdict and which were
+//!   forgotten, so that the exporter can create the counters of every possible regression at 0
+//!   ahead of time (a counter born at 1 hides its first increase from `increase()`) and drop them
+//!   with the workload.
 
 use std::collections::HashMap;
 
@@ -41,6 +45,24 @@ impl VerdictChange {
     pub fn is_regression(&self) -> bool {
         rank(self.to) < rank(self.from)
     }
+}
+
+/// Verdicts ranked below `v`: the regressions possible from it.
+pub fn worse_than(v: Verdict) -> impl Iterator<Item = Verdict> {
+    Verdict::ALL
+        .into_iter()
+        .filter(move |w| matches!((rank(*w), rank(v)), (Some(a), Some(b)) if a < b))
+}
+
+/// What one evaluation changed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Observed {
+    /// Counted changes, in key order.
+    pub changes: Vec<VerdictChange>,
+    /// Workloads whose remembered verdict was set (first seen) or changed, with it.
+    pub remembered: Vec<(WorkloadKey, Verdict)>,
+    /// Workloads dropped from memory.
+    pub forgotten: Vec<WorkloadKey>,
 }
 
 /// Higher is better; None for `insufficient_data`.
@@ -90,18 +112,18 @@ impl VerdictHistory {
         self.last.is_empty()
     }
 
-    /// Feeds one evaluation: every client pod's verdict with its workload key. Returns the
-    /// changes, in key order.
+    /// Feeds one evaluation: every client pod's verdict with its workload key.
     pub fn observe(
         &mut self,
         verdicts: impl IntoIterator<Item = (WorkloadKey, Verdict)>,
         now: Nanos,
-    ) -> Vec<VerdictChange> {
+    ) -> Observed {
         let mut per: HashMap<WorkloadKey, Vec<Verdict>> = HashMap::new();
         for (k, v) in verdicts {
             per.entry(k).or_default().push(v);
         }
-        let mut changes = Vec::new();
+        let mut out = Observed::default();
+        let changes = &mut out.changes;
         for (key, vs) in per {
             let Some(now_verdict) = worst(vs) else {
                 continue;
@@ -115,6 +137,7 @@ impl VerdictHistory {
                             to: now_verdict,
                         });
                         r.verdict = now_verdict;
+                        out.remembered.push((key.clone(), now_verdict));
                     }
                     r.seen = now;
                 }
@@ -127,7 +150,9 @@ impl VerdictHistory {
                             .map(|(k, _)| k.clone())
                     {
                         self.last.remove(&oldest);
+                        out.forgotten.push(oldest);
                     }
+                    out.remembered.push((key.clone(), now_verdict));
                     self.last.insert(
                         key,
                         Remembered {
@@ -139,10 +164,17 @@ impl VerdictHistory {
             }
         }
         let forget = self.forget;
-        self.last
-            .retain(|_, r| now.saturating_sub(r.seen) <= forget);
-        changes.sort_by(|a, b| a.key.cmp(&b.key));
-        changes
+        self.last.retain(|k, r| {
+            let keep = now.saturating_sub(r.seen) <= forget;
+            if !keep {
+                out.forgotten.push(k.clone());
+            }
+            keep
+        });
+        out.changes.sort_by(|a, b| a.key.cmp(&b.key));
+        out.remembered.sort_by(|a, b| a.0.cmp(&b.0));
+        out.forgotten.sort();
+        out
     }
 }
 
@@ -165,64 +197,41 @@ mod tests {
     fn a_rollout_to_a_pinning_image_is_one_regression() {
         let mut h = VerdictHistory::new(100, Duration::from_secs(3600));
         let co = key("Deployment/checkout");
-        // Two balancing pods: remembered, nothing counted.
-        assert!(
-            h.observe(
-                [
-                    (co.clone(), Verdict::RoundRobin),
-                    (co.clone(), Verdict::RoundRobin)
-                ],
-                S
-            )
-            .is_empty()
-        );
+        let rr = Verdict::RoundRobin;
+        let pf = Verdict::PickFirst;
+        // Two balancing pods: remembered (so its regressions can be exported at 0), not counted.
+        let o = h.observe([(co.clone(), rr), (co.clone(), rr)], S);
+        assert!(o.changes.is_empty());
+        assert_eq!(o.remembered, vec![(co.clone(), rr)]);
         // The new pod is still warming up: nothing changes.
-        assert!(
-            h.observe(
-                [
-                    (co.clone(), Verdict::RoundRobin),
-                    (co.clone(), Verdict::InsufficientData)
-                ],
-                2 * S
-            )
-            .is_empty()
+        let o = h.observe(
+            [(co.clone(), rr), (co.clone(), Verdict::InsufficientData)],
+            2 * S,
         );
+        assert_eq!(o, Observed::default());
         // The new pod pins one backend: counted once, while old pods still balance.
-        let c = h.observe(
-            [
-                (co.clone(), Verdict::RoundRobin),
-                (co.clone(), Verdict::PickFirst),
-            ],
-            3 * S,
-        );
+        let o = h.observe([(co.clone(), rr), (co.clone(), pf)], 3 * S);
         assert_eq!(
-            c,
+            o.changes,
             vec![VerdictChange {
                 key: co.clone(),
-                from: Verdict::RoundRobin,
-                to: Verdict::PickFirst
+                from: rr,
+                to: pf
             }]
         );
-        assert!(c[0].is_regression());
+        assert!(o.changes[0].is_regression());
+        assert_eq!(o.remembered, vec![(co.clone(), pf)]);
         // Old pods gone, only pinned pods left: no further change.
-        assert!(
-            h.observe([(co.clone(), Verdict::PickFirst)], 4 * S)
-                .is_empty()
-        );
+        assert!(h.observe([(co.clone(), pf)], 4 * S).changes.is_empty());
         // The fix rolls out: counted once the last pinned pod is gone, and not a regression.
         assert!(
-            h.observe(
-                [
-                    (co.clone(), Verdict::PickFirst),
-                    (co.clone(), Verdict::RoundRobin)
-                ],
-                5 * S
-            )
-            .is_empty()
+            h.observe([(co.clone(), pf), (co.clone(), rr)], 5 * S)
+                .changes
+                .is_empty()
         );
-        let c = h.observe([(co.clone(), Verdict::RoundRobin)], 6 * S);
-        assert_eq!(c.len(), 1);
-        assert!(!c[0].is_regression());
+        let o = h.observe([(co.clone(), rr)], 6 * S);
+        assert_eq!(o.changes.len(), 1);
+        assert!(!o.changes[0].is_regression());
     }
 
     #[test]
@@ -231,16 +240,36 @@ mod tests {
         h.observe([(key("a"), Verdict::RoundRobin)], S);
         h.observe([(key("b"), Verdict::PickFirst)], 2 * S);
         // A third workload evicts the least recently judged (a).
-        h.observe([(key("c"), Verdict::RoundRobin)], 3 * S);
+        let o = h.observe([(key("c"), Verdict::RoundRobin)], 3 * S);
+        assert_eq!(o.forgotten, vec![key("a")]);
         assert_eq!(h.len(), 2);
         // a is new again: remembered, not counted.
-        assert!(
-            h.observe([(key("a"), Verdict::PickFirst)], 4 * S)
-                .is_empty()
-        );
-        // Workloads not judged for longer than `forget` are dropped.
-        h.observe([(key("a"), Verdict::PickFirst)], 30 * S);
+        let o = h.observe([(key("a"), Verdict::PickFirst)], 4 * S);
+        assert!(o.changes.is_empty());
+        assert_eq!(o.remembered, vec![(key("a"), Verdict::PickFirst)]);
+        // Workloads not judged for longer than `forget` are dropped, and said so.
+        let o = h.observe([(key("a"), Verdict::PickFirst)], 30 * S);
+        assert_eq!(o.forgotten, vec![key("c")]);
         assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn the_regressions_possible_from_each_verdict() {
+        let w = |v| worse_than(v).collect::<Vec<_>>();
+        assert_eq!(
+            w(Verdict::RoundRobin),
+            vec![
+                Verdict::PickFirst,
+                Verdict::DialPerRequest,
+                Verdict::StaleResolver
+            ]
+        );
+        assert_eq!(
+            w(Verdict::StaleResolver),
+            vec![Verdict::PickFirst, Verdict::DialPerRequest]
+        );
+        assert!(w(Verdict::PickFirst).is_empty() && w(Verdict::DialPerRequest).is_empty());
+        assert!(w(Verdict::InsufficientData).is_empty());
     }
 
     #[test]

@@ -234,8 +234,10 @@ pub struct Scan {
     pub enter_denied: usize,
     /// Processes whose fd table could not be read for lack of permission.
     pub owners_denied: usize,
-    /// Recovered connections left without an owner (a socket inode no readable fd table holds).
-    pub owners_missing: usize,
+    /// Connections found without an owner although their socket has an inode (an fd some process
+    /// holds, in an fd table that could not be read, or one opened while the scan ran: the tracer
+    /// reports those itself, with their owner, so the agent only counts the ones it keeps).
+    pub ownerless: HashSet<ConnKey>,
 }
 
 /// The inode of a namespace's `net/tcp` entry: procfs makes one per network namespace, and it
@@ -257,11 +259,19 @@ pub fn scan(proc: &Path, netns_dirs: &[PathBuf]) -> Scan {
         ..Scan::default()
     };
     let add = |out: &mut Scan, ns: u32, socks: &[ProcSock]| {
-        out.owners_missing += socks
+        for s in socks
             .iter()
             .filter(|s| is_connection_state(s.state) && s.inode != 0)
             .filter(|s| !owners.contains_key(&s.inode))
-            .count();
+        {
+            tracing::debug!(netns = ns, local = %s.local, remote = %s.remote, inode = s.inode,
+                "connection found without an owner");
+            out.ownerless.insert(ConnKey {
+                netns: ns,
+                local: s.local,
+                remote: s.remote,
+            });
+        }
         out.conns.extend(connections(ns, socks, &owners));
     };
     for pid in numeric_dirs(proc) {
