@@ -3,7 +3,12 @@
 //! round_robin, one with pick_first, one dialling per request — and fanout's balance for each
 //! (client pod, service) must carry the right verdict, with requests counted from HTTP/2.
 
+#[path = "support/e2e.rs"]
+mod e2e;
+
 use std::{net::SocketAddr, time::Duration};
+
+use e2e::{Running, Scrape};
 
 use fanout::{
     agent::{Agent, AgentOptions},
@@ -11,9 +16,9 @@ use fanout::{
     identity::IdentitySource,
 };
 use xtask::{
-    grpc::{ClientReport, GrpcClient, GrpcServer, Policy, ServerOptions, StopHandle, Target},
+    grpc::{GrpcServer, Policy, ServerOptions, Target},
     http,
-    lab::{self, Lab, Pod},
+    lab::{self, Lab},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,138 +356,6 @@ async fn clients_and_backends(
         .await
         .expect("ready");
     (agent, servers, dir)
-}
-
-/// A gRPC client calling on its own thread until stopped (or [`CLIENT_DEADLINE`] passes), so
-/// a test reads the agent while the traffic certainly still flows, however slow the machine.
-struct Running {
-    stop: StopHandle,
-    thread: std::thread::JoinHandle<Result<ClientReport, String>>,
-}
-
-/// Bounds every client in these tests.
-const CLIENT_DEADLINE: Duration = Duration::from_secs(60);
-
-impl Running {
-    fn start(pod: &Pod, policy: Policy, target: Target, pace: Duration) -> Running {
-        let client = GrpcClient::start(pod, policy, target, CLIENT_DEADLINE).expect("client");
-        let stop = client.stop_handle();
-        let thread = std::thread::spawn(move || {
-            // The count only bounds the loop; the stop ends it.
-            client.calls(100_000, pace).map_err(|e| e.to_string())?;
-            client.finish().map_err(|e| e.to_string())
-        });
-        Running { stop, thread }
-    }
-
-    /// Stops the client, which closes its connections, and returns what it did.
-    fn stop(self) -> ClientReport {
-        self.stop.stop();
-        self.thread
-            .join()
-            .expect("client thread")
-            .expect("client report")
-    }
-}
-
-/// One sample of a scrape: name, labels and value.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: Vec<(String, String)>,
-    value: f64,
-}
-
-impl Sample {
-    fn label(&self, k: &str) -> Option<&str> {
-        self.labels
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn matches(&self, name: &str, labels: &[(&str, &str)]) -> bool {
-        self.name == name && labels.iter().all(|(k, v)| self.label(k) == Some(*v))
-    }
-}
-
-/// The samples of one `/metrics` scrape (the text format; label values here never hold quotes).
-#[derive(Debug)]
-struct Scrape {
-    samples: Vec<Sample>,
-}
-
-impl Scrape {
-    fn parse(text: &str) -> Scrape {
-        let mut samples = Vec::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let (series, value) = line.rsplit_once(' ').expect("`series value`");
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, parse_labels(rest)),
-                None => (series, Vec::new()),
-            };
-            let value = match value {
-                "+Inf" => f64::INFINITY,
-                v => v.parse().unwrap_or_else(|_| panic!("value in {line}")),
-            };
-            samples.push(Sample {
-                name: name.to_string(),
-                labels,
-                value,
-            });
-        }
-        Scrape { samples }
-    }
-
-    /// The value of the one sample of `name` with `labels`; panics unless exactly one matches.
-    fn one(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let m: Vec<&Sample> = self
-            .samples
-            .iter()
-            .filter(|s| s.matches(name, labels))
-            .collect();
-        assert_eq!(m.len(), 1, "{name} {labels:?}: {m:?}");
-        m[0].value
-    }
-
-    /// The sum over every sample of `name` with `labels`.
-    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|s| s.matches(name, labels))
-            .map(|s| s.value)
-            .sum()
-    }
-}
-
-/// `k="v",k2="v2"}` (after the opening brace) into pairs; values may hold escapes and commas.
-fn parse_labels(text: &str) -> Vec<(String, String)> {
-    let mut labels = Vec::new();
-    let mut chars = text.chars();
-    loop {
-        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-        let key = key.trim_start_matches(',');
-        if key.is_empty() || key == "}" {
-            return labels;
-        }
-        assert_eq!(
-            chars.next(),
-            Some('"'),
-            "a quoted value for {key} in {text}"
-        );
-        let mut value = String::new();
-        loop {
-            match chars.next().expect("closing quote") {
-                '\\' => value.push(chars.next().expect("escaped character")),
-                '"' => break,
-                c => value.push(c),
-            }
-        }
-        labels.push((key.to_string(), value));
-    }
 }
 
 fn scrape(agent: &Agent) -> Scrape {

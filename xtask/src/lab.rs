@@ -305,6 +305,11 @@ impl Lab {
         let chain = format!("FO-SVC-{hash:08X}");
         let mask = if vip.is_ipv4() { "/32" } else { "/128" };
         let dst = format!("{}{mask}", vip.ip());
+        // The node's own connections (hostNetwork clients) are routed before OUTPUT's DNAT: the
+        // VIP needs a route, as a real node's default route gives it. It never leaves the lab:
+        // the DNAT rewrites it to a pod address on the bridge first.
+        let family = if vip.is_ipv4() { "-4" } else { "-6" };
+        self.node_exec("ip", &[family, "route", "replace", &dst, "dev", "br0"])?;
         let port = vip.port().to_string();
         // A fresh chain per service port; PREROUTING for pod traffic, OUTPUT for the node's own.
         let _ = self.node_exec(tool, &["-t", "nat", "-N", &chain]);

@@ -1,6 +1,9 @@
 //! Developer tasks for fanout, and the network-namespace lab shared by the demo and the root tests.
 pub mod bench;
+pub mod container;
 pub mod grpc;
 pub mod http;
+pub mod image;
 pub mod lab;
+pub mod prom;
 pub mod setup;

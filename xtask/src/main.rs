@@ -48,6 +48,16 @@ enum Task {
         #[arg(long, default_value_t = 3000)]
         conns: usize,
     },
+    /// Build the release daemon and its container image without a container engine: an OCI
+    /// image layout in <out>/oci and an OCI archive <out>/fanout-oci.tar.
+    Image {
+        /// Output directory (default: <target>/image).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Image tag (the workspace version is always added as a second tag).
+        #[arg(long, default_value = xtask::image::DEFAULT_TAG)]
+        tag: String,
+    },
     /// Lab maintenance.
     Lab {
         #[command(subcommand)]
@@ -133,9 +143,28 @@ fn main() -> Result<()> {
                     "warnings",
                 ],
             )?;
+            // The container test runs the image users deploy: the release binary on a minimal
+            // root, built here without a container engine.
+            cargo(&["build", "--release", "--package", "fanout"])?;
+            let image = xtask::image::build(
+                &target_dir().join("release/fanout"),
+                &target_dir().join("image"),
+                xtask::image::DEFAULT_TAG,
+            )?;
             let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&test)
+            let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let ok = Command::new(cargo_bin)
+                .args(&test)
+                .env("FANOUT_IMAGE", &image.layout)
+                .current_dir(workspace_root())
+                .status()
+                .context("running cargo test")?
+                .success();
+            if !ok {
+                bail!("cargo {} failed", test.join(" "));
+            }
+            Ok(())
         }
         Task::Demo { watch } => {
             setup::run()?;
@@ -153,6 +182,12 @@ fn main() -> Result<()> {
                 &scrape,
                 &workspace_root().join("BENCHMARKS.md"),
             )
+        }
+        Task::Image { out, tag } => {
+            xtask::image::require_bpf_linker()?;
+            cargo(&["build", "--release", "--package", "fanout"])?;
+            let out = out.unwrap_or_else(|| target_dir().join("image"));
+            xtask::image::build(&target_dir().join("release/fanout"), &out, &tag).map(drop)
         }
         Task::Lab { cmd: LabCmd::Clean } => {
             for ns in lab::sweep(true) {

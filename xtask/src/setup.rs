@@ -15,7 +15,25 @@ const PACKAGES: &[(&str, &str)] = &[
     ("conntrack", "conntrack"),
     ("bpftool", "bpftool"),
     ("curl", "curl"),
+    // The container test: runc runs the image that umoci unpacks; the chart's security context
+    // needs nothing else. setpriv (util-linux) runs a lab process as another user.
+    ("runc", "runc"),
+    ("umoci", "umoci"),
+    ("util-linux", "setpriv"),
+    // Prometheus 2.42: promtool for the rule checks and unit tests, and the server the live
+    // alert test starts on a lab loopback.
+    ("prometheus", "promtool"),
 ];
+
+/// PyPI packages the offline chart checks and the container test use: the Helm SDK (there is no
+/// helm binary), offline Kubernetes schemas, and YAML. Pinned to the versions checked here.
+const PIP_PACKAGES: &[&str] = &[
+    "helm-python-sdk==0.2.2",
+    "kubernetes-validate==1.37.0",
+    "pyyaml==6.0.3",
+];
+/// The modules those packages provide, to check they import.
+const PIP_MODULES: &str = "import helm_python, kubernetes_validate, yaml";
 
 /// bpf-linker version known to build against rustc's LLVM 22 here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -159,6 +177,35 @@ fn packages() -> Result<()> {
     Ok(())
 }
 
+/// Installs the PyPI packages into the `python3` on PATH (the one the tests run) when any of
+/// their modules does not import.
+fn pip_packages() -> Result<()> {
+    let ok = Command::new("python3")
+        .args(["-c", PIP_MODULES])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        return Ok(());
+    }
+    eprintln!("setup: installing {} from PyPI", PIP_PACKAGES.join(" "));
+    if !status(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(PIP_PACKAGES),
+    )? {
+        bail!("pip install {} failed", PIP_PACKAGES.join(" "));
+    }
+    Ok(())
+}
+
 fn mounted(path: &str) -> bool {
     std::fs::read_to_string("/proc/self/mounts")
         .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(path)))
@@ -188,6 +235,7 @@ pub fn run() -> Result<()> {
         bail!("setup must run as root (packages, tracefs and bpffs mounts, eBPF)");
     }
     packages()?;
+    pip_packages()?;
     mounts()?;
     Ok(())
 }

@@ -18,6 +18,10 @@
 //! Resource versions are global across kinds, as in etcd. The cluster state outlives the HTTP
 //! server, so a test can stop the server (an outage: open watches are cut, the port is closed and
 //! connections are refused), change objects meanwhile, and start it again on the same port.
+//!
+//! [`FakeApiServer::start_tls`] serves HTTPS with a certificate from its own test CA, for a
+//! client using the in-cluster config (`KUBERNETES_SERVICE_HOST`, the service account's token and
+//! `ca.crt`), as a daemon in a pod does.
 
 #![allow(dead_code)] // each test uses a different part of it
 
@@ -217,6 +221,68 @@ pub struct FakeApiServer {
     shared: Shared,
     addr: SocketAddr,
     running: Option<Running>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The CA that signed the HTTPS certificate (PEM), for the client's `ca.crt`.
+    pub ca_pem: Option<String>,
+}
+
+/// Accepts TCP connections and completes the TLS handshake before axum sees them.
+struct TlsListener {
+    inner: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.inner.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            match self.acceptor.accept(tcp).await {
+                Ok(tls) => return (tls, addr),
+                Err(err) => eprintln!("fake apiserver: TLS handshake with {addr}: {err}"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A test CA and a server certificate for `ip` signed by it: (CA PEM, server config).
+fn test_tls(ip: std::net::IpAddr) -> (String, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "fanout test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let key = KeyPair::generate().expect("server key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("server params");
+    params.subject_alt_names = vec![SanType::IpAddress(ip)];
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kubernetes");
+    let cert = params.signed_by(&key, &ca, &ca_key).expect("server cert");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone(), ca.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .expect("server TLS config");
+    (ca.pem(), Arc::new(config))
 }
 
 impl FakeApiServer {
@@ -230,6 +296,26 @@ impl FakeApiServer {
             shared: Shared::default(),
             addr,
             running: None,
+            tls: None,
+            ca_pem: None,
+        };
+        server.serve(listener);
+        server
+    }
+
+    /// Serves HTTPS on `listener` (bound by the caller, e.g. inside a network namespace), with a
+    /// certificate for the listener's IP signed by a fresh test CA ([`FakeApiServer::ca_pem`]).
+    pub async fn start_tls(listener: std::net::TcpListener) -> FakeApiServer {
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = TcpListener::from_std(listener).expect("tokio listener");
+        let addr = listener.local_addr().expect("local addr");
+        let (ca_pem, config) = test_tls(addr.ip());
+        let mut server = FakeApiServer {
+            shared: Shared::default(),
+            addr,
+            running: None,
+            tls: Some(tokio_rustls::TlsAcceptor::from(config)),
+            ca_pem: Some(ca_pem),
         };
         server.serve(listener);
         server
@@ -284,11 +370,28 @@ impl FakeApiServer {
             })
             .with_state(self.shared.clone());
         let (shutdown, signal) = oneshot::channel::<()>();
+        let tls = self.tls.clone();
         let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let stop = async move {
                 let _ = signal.await;
-            });
-            if let Err(err) = serve.await {
+            };
+            let served = match tls {
+                None => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                }
+                Some(acceptor) => {
+                    let listener = TlsListener {
+                        inner: listener,
+                        acceptor,
+                    };
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                }
+            };
+            if let Err(err) = served {
                 eprintln!("fake apiserver: {err}");
             }
         });
