@@ -467,7 +467,7 @@ impl Agent {
                     // their owner from the tracer once the reader has drained the records
                     // submitted meanwhile (it polls every poll interval); only those recovery
                     // alone knows count.
-                    tokio::time::sleep(poll_interval * 3).await;
+                    tokio::time::sleep((poll_interval * 3).min(Duration::from_secs(1))).await;
                     scan_report.owners_missing = shared.with_table(|t| {
                         t.iter()
                             .filter(|c| c.origin == crate::conntable::Origin::Recovered)
