@@ -2,6 +2,7 @@
 //! recovery, loss polling and an orderly shutdown that detaches every program.
 
 use std::{
+    collections::HashSet,
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -21,7 +22,7 @@ use crate::{
         self, AnalysisConfig, Analyzer, feed,
         regress::{VerdictHistory, WorkloadKey},
     },
-    conntable::{Change, Conn, ConnKey, ConnTable, recover},
+    conntable::{Change, Conn, ConnKey, ConnTable, reconcile::Reconciler, recover},
     event::{Event, reader},
     exposition::{http, metrics::Metrics},
     features::{Feature, Features},
@@ -60,8 +61,11 @@ pub struct AgentOptions {
     pub listen: SocketAddr,
     /// How often the reader polls the ring buffer between wakeups.
     pub poll_interval: Duration,
-    /// Recover connections that predate the daemon from /proc.
+    /// Recover connections that predate the daemon from /proc, and keep comparing the table with
+    /// the kernel's socket tables afterwards.
     pub recover: bool,
+    /// How often the table is compared with the kernel's socket tables.
+    pub reconcile_interval: Duration,
     pub proc_root: PathBuf,
     pub netns_dirs: Vec<PathBuf>,
     pub identity: IdentitySource,
@@ -79,6 +83,7 @@ impl Default for AgentOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 9990)),
             poll_interval: Duration::from_millis(100),
             recover: true,
+            reconcile_interval: Duration::from_secs(4),
             proc_root: PathBuf::from("/proc"),
             netns_dirs: crate::probe::default_netns_dirs(),
             identity: IdentitySource::None,
@@ -202,6 +207,8 @@ pub struct Shared {
     verdicts: Mutex<VerdictHistory>,
     /// When the housekeeping loop last ran (monotonic ns; 0 before the first run): `/livez`.
     heartbeat: std::sync::atomic::AtomicU64,
+    /// The comparison with the kernel's socket tables, carried between rounds.
+    reconciler: Mutex<Reconciler>,
 }
 
 impl Shared {
@@ -216,6 +223,7 @@ impl Shared {
         Shared {
             features,
             heartbeat: Default::default(),
+            reconciler: Mutex::new(Reconciler::new()),
             verdicts: Mutex::new(VerdictHistory::new(
                 VERDICT_HISTORY_CAP,
                 VERDICT_HISTORY_FORGET,
@@ -442,18 +450,29 @@ impl Agent {
 
         tasks.push({
             let shared = shared.clone();
-            let (recover_on, proc_root, dirs, poll_interval) = (
+            let (recover_on, proc_root, dirs, poll_interval, reconcile_every) = (
                 opts.recover,
                 opts.proc_root.clone(),
                 opts.netns_dirs.clone(),
                 opts.poll_interval,
+                opts.reconcile_interval,
             );
+            let mut stop_rx = stop_rx.clone();
             tokio::spawn(async move {
                 if recover_on {
-                    let scan =
-                        tokio::task::spawn_blocking(move || recover::scan(&proc_root, &dirs))
-                            .await
-                            .unwrap_or_default();
+                    // The first reconciliation round: everything the kernel has that the tracer
+                    // has not reported predates it.
+                    let before = shared.with_table(|t| t.keys());
+                    let (p, d) = (proc_root.clone(), dirs.clone());
+                    let scan = tokio::task::spawn_blocking(move || recover::scan(&p, &d))
+                        .await
+                        .unwrap_or_default();
+                    let covered: HashSet<u32> = scan.conns.iter().map(|c| c.key.netns).collect();
+                    let plan = shared
+                        .reconciler
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .round(&before, scan.conns, &covered);
                     let ownerless = scan.ownerless;
                     let mut scan_report = RecoveryReport {
                         namespaces: scan.namespaces,
@@ -462,7 +481,7 @@ impl Agent {
                         owners_denied: scan.owners_denied,
                         owners_missing: 0,
                     };
-                    let added = shared.table().finish_recovery(scan.conns);
+                    let added = shared.table().finish_recovery(plan.add);
                     // Ownerless connections that were also traced (opened during the scan) get
                     // their owner from the tracer once the reader has drained the records
                     // submitted meanwhile (it polls every poll interval); only those recovery
@@ -512,6 +531,21 @@ impl Agent {
                     }
                 }
                 shared.ready.store(true, Ordering::Release);
+                if !recover_on {
+                    return;
+                }
+                // Later rounds: ghosts (lost closes) and holes (lost opens) are fixed within two
+                // rounds.
+                let mut tick = tokio::time::interval(reconcile_every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop_rx.changed() => return,
+                    }
+                    reconcile_round(&shared, &proc_root, &dirs).await;
+                }
             })
         });
 
@@ -531,6 +565,7 @@ impl Agent {
                     }
                     let lost = probe.lock().map(|mut p| {
                         p.flush_logs();
+                        shared.metrics.set_program_misses(&p.program_misses());
                         p.lost()
                     });
                     match lost {
@@ -626,6 +661,96 @@ impl Agent {
             Ok(r) => r.map_err(AgentError::Reader),
             Err(e) => Err(AgentError::Reader(std::io::Error::other(e))),
         }
+    }
+}
+
+/// One reconciliation round after startup: read the kernel's tables, compare, fix the table and
+/// the analyzer, count what was fixed.
+async fn reconcile_round(shared: &Arc<Shared>, proc_root: &std::path::Path, dirs: &[PathBuf]) {
+    use crate::conntable::recover;
+    let before = shared.with_table(|t| t.keys());
+    let (p, d) = (proc_root.to_path_buf(), dirs.to_vec());
+    let Ok(tables) = tokio::task::spawn_blocking(move || recover::tables(&p, &d)).await else {
+        return;
+    };
+    let covered = tables.covered();
+    let none = std::collections::HashMap::new();
+    let kernel: Vec<Conn> = tables
+        .namespaces
+        .iter()
+        .flat_map(|(ns, socks)| recover::connections(*ns, socks, &none))
+        .collect();
+    let mut plan = shared
+        .reconciler
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .round(&before, kernel, &covered);
+    shared.metrics.reconcile_rounds.inc();
+    if plan.remove.is_empty() && plan.add.is_empty() {
+        return;
+    }
+    if !plan.add.is_empty() {
+        // Owners only for what is added: reading every fd table is the expensive part.
+        let p = proc_root.to_path_buf();
+        if let Ok(scan) =
+            tokio::task::spawn_blocking(move || recover::with_owners(&p, tables)).await
+        {
+            let owners: std::collections::HashMap<ConnKey, crate::event::Owner> = scan
+                .conns
+                .into_iter()
+                .filter_map(|c| Some((c.key, c.owner?)))
+                .collect();
+            for c in &mut plan.add {
+                c.owner = owners.get(&c.key).cloned();
+            }
+        }
+    }
+    let now = monotonic_ns();
+    let inv = shared.identity.snapshot();
+    let (mut removed, mut added, mut lookups) = (0u64, 0u64, Vec::new());
+    {
+        let mut table = shared.table();
+        let mut analyzer = shared.analyzer();
+        for key in &plan.remove {
+            if let Some(conn) = table.remove_gone(key) {
+                tracing::debug!(?key, "reconcile: the kernel has no such socket; removed");
+                shared.feed_close(&mut analyzer, &conn, now, None);
+                removed += 1;
+            }
+        }
+        for conn in plan.add {
+            if table.add_found(conn.clone()) {
+                tracing::debug!(key = ?conn.key, "reconcile: a socket the table missed; added");
+                shared.identity.learn(&inv, &conn);
+                if let Some(open) = feed::open_of(&shared.identity, &inv, &conn, now, true) {
+                    analyzer.on_open(open);
+                }
+                if Identity::needs_backend(&inv, &conn) {
+                    lookups.push(conn.key);
+                }
+                added += 1;
+            }
+        }
+        shared.metrics.active.set(table.len() as i64);
+    }
+    for key in lookups {
+        shared.request_lookup(CtJob::Resolve(key));
+    }
+    for (action, n) in [("removed", removed), ("added", added)] {
+        if n > 0 {
+            shared
+                .metrics
+                .reconciled
+                .get_or_create(&crate::exposition::metrics::ActionLabels { action })
+                .inc_by(n);
+        }
+    }
+    if removed + added > 0 {
+        tracing::info!(
+            removed,
+            added,
+            "reconciled the connection table with the kernel's sockets (lost records)"
+        );
     }
 }
 

@@ -65,9 +65,14 @@ pub struct RunArgs {
     /// Wake the reader early once this many bytes wait in the ring buffer.
     #[arg(long, default_value_t = ProbeOptions::default().wakeup_bytes)]
     pub wakeup_bytes: u64,
-    /// Do not scan /proc for connections that predate the daemon.
+    /// Do not scan /proc for connections that predate the daemon (nor compare the table with the
+    /// kernel's socket tables later).
     #[arg(long)]
     pub no_recover: bool,
+    /// How often the connection table is compared with the kernel's socket tables: a row whose
+    /// socket is gone (a lost close) disappears, and a missed open appears, within two rounds.
+    #[arg(long, default_value = "4s", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
     /// cgroup v2 directory whose egress traffic is scanned for HTTP/2 requests (default: the
     /// host's cgroup v2 root, found among the cgroup2 mounts (e.g. the host's /sys/fs/cgroup
     /// mounted at /host/sys/fs/cgroup) or through <proc-root>/1/root; never a container's own
@@ -145,6 +150,7 @@ impl RunArgs {
             listen: self.listen,
             poll_interval: self.poll_interval,
             recover: !self.no_recover,
+            reconcile_interval: self.reconcile_interval,
             proc_root: self.proc_root.clone(),
             netns_dirs: crate::probe::default_netns_dirs(),
             identity: match (&self.inventory, self.kube) {

@@ -2,6 +2,7 @@
 //! (network namespace, local address, remote address), built from lifecycle events and from the
 //! connections that already existed when the daemon started.
 
+pub mod reconcile;
 pub mod recover;
 
 use std::{
@@ -304,6 +305,11 @@ impl ConnTable {
                 }
             }
             RecordKind::Close => {
+                // Every close while the startup scan runs, of a known connection too: the scan
+                // may have read the socket before it closed, and must not bring it back.
+                if let Some(closed) = &mut self.closed_while_recovering {
+                    closed.insert(key);
+                }
                 // By tuple first (recovered connections have no socket address), then by socket.
                 let found = self.remove(&key).or_else(|| {
                     let k = self.by_sock.get(&ev.sock).copied()?;
@@ -319,12 +325,7 @@ impl ConnTable {
                             duration: ev.duration,
                         }
                     }
-                    None => {
-                        if let Some(closed) = &mut self.closed_while_recovering {
-                            closed.insert(key);
-                        }
-                        Change::Unmatched(RecordKind::Close)
-                    }
+                    None => Change::Unmatched(RecordKind::Close),
                 }
             }
         }
@@ -386,6 +387,26 @@ impl ConnTable {
             }
         }
         added
+    }
+
+    /// The keys of every row, for a reconciliation round.
+    pub fn keys(&self) -> HashSet<ConnKey> {
+        self.conns.keys().copied().collect()
+    }
+
+    /// Removes a row whose socket the kernel no longer has (its close record was lost).
+    pub fn remove_gone(&mut self, key: &ConnKey) -> Option<Conn> {
+        self.remove(key)
+    }
+
+    /// Adds a connection the kernel has and the table missed (its open record was lost), unless
+    /// a record brought it in meanwhile. Returns whether it was added.
+    pub fn add_found(&mut self, conn: Conn) -> bool {
+        if self.conns.contains_key(&conn.key) {
+            return false;
+        }
+        self.insert(conn);
+        true
     }
 
     /// Drops pending connects older than [`PENDING_TTL`] (their outcome was lost). Returns how
@@ -516,6 +537,33 @@ mod tests {
             matches!(t.apply(&close), Change::Closed { conn, duration: None } if conn.origin == Origin::Recovered)
         );
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_traced_connection_that_closes_during_the_scan_is_not_brought_back() {
+        let mut t = ConnTable::new();
+        t.begin_recovery();
+        // Opened after the programs attached, read by the scan, closed before the merge.
+        let open = ev(RecordKind::Established, 5, "10.0.0.2:4000", "10.0.0.3:80");
+        t.apply(&open);
+        t.apply(&ev(RecordKind::Close, 5, "10.0.0.2:4000", "10.0.0.3:80"));
+        let seen = Conn {
+            key: ConnKey {
+                netns: open.netns,
+                local: "10.0.0.2:4000".parse().unwrap(),
+                remote: "10.0.0.3:80".parse().unwrap(),
+            },
+            direction: Direction::Outbound,
+            origin: Origin::Recovered,
+            sock: 0,
+            owner: None,
+            opened_ns: None,
+            backend: None,
+            counters: Counters::default(),
+            requests: None,
+        };
+        assert_eq!(t.finish_recovery([seen]), 0);
+        assert!(t.is_empty());
     }
 
     #[test]

@@ -247,33 +247,33 @@ fn table_id(net_dir: &Path) -> Option<u64> {
     std::fs::metadata(net_dir.join("tcp")).ok().map(|m| m.ino())
 }
 
-/// Scans every network namespace on the host for existing connections.
-pub fn scan(proc: &Path, netns_dirs: &[PathBuf]) -> Scan {
-    let (owners, owners_denied) = socket_owners(proc);
+/// The TCP tables of every network namespace that can be reached, one read per namespace.
+#[derive(Default, Debug)]
+pub struct Tables {
+    /// Per namespace (inode): its sockets.
+    pub namespaces: Vec<(u32, Vec<ProcSock>)>,
+    /// See [`Scan::netns_unreachable`].
+    pub netns_unreachable: usize,
+    /// See [`Scan::enter_denied`].
+    pub enter_denied: usize,
+}
+
+impl Tables {
+    /// The namespaces read.
+    pub fn covered(&self) -> HashSet<u32> {
+        self.namespaces.iter().map(|(ns, _)| *ns).collect()
+    }
+}
+
+/// Reads the TCP table of every network namespace: through a thread of each (found in
+/// `<proc>/<pid>/task/<tid>/ns/net`), and of the namespaces in `netns_dirs` that no process
+/// lives in, from a thread that enters them.
+pub fn tables(proc: &Path, netns_dirs: &[PathBuf]) -> Tables {
     let mut seen: HashSet<u32> = HashSet::new();
-    // Namespaces by their net/tcp inode: those scanned, and those whose ns/net was denied.
+    // Namespaces by their net/tcp inode: those read, and those whose ns/net was denied.
     let mut tables_seen: HashSet<u64> = HashSet::new();
     let mut tables_denied: HashSet<u64> = HashSet::new();
-    let mut out = Scan {
-        owners_denied,
-        ..Scan::default()
-    };
-    let add = |out: &mut Scan, ns: u32, socks: &[ProcSock]| {
-        for s in socks
-            .iter()
-            .filter(|s| is_connection_state(s.state) && s.inode != 0)
-            .filter(|s| !owners.contains_key(&s.inode))
-        {
-            tracing::debug!(netns = ns, local = %s.local, remote = %s.remote, inode = s.inode,
-                "connection found without an owner");
-            out.ownerless.insert(ConnKey {
-                netns: ns,
-                local: s.local,
-                remote: s.remote,
-            });
-        }
-        out.conns.extend(connections(ns, socks, &owners));
-    };
+    let mut out = Tables::default();
     for pid in numeric_dirs(proc) {
         let tdir = proc.join(pid.to_string()).join("task");
         for tid in numeric_dirs(&tdir) {
@@ -295,7 +295,7 @@ pub fn scan(proc: &Path, netns_dirs: &[PathBuf]) -> Scan {
             if let Some(t) = table_id(&net) {
                 tables_seen.insert(t);
             }
-            add(&mut out, ns, &read_tables(&net));
+            out.namespaces.push((ns, read_tables(&net)));
         }
     }
     for dir in netns_dirs {
@@ -311,20 +311,55 @@ pub fn scan(proc: &Path, netns_dirs: &[PathBuf]) -> Scan {
             match read_tables_in(&e.path()) {
                 Ok((socks, table)) => {
                     tables_seen.extend(table);
-                    add(&mut out, ns, &socks);
+                    out.namespaces.push((ns, socks));
                 }
                 Err(err) => {
                     if is_denied(&err) {
                         out.enter_denied += 1;
                     }
-                    tracing::warn!(path = %e.path().display(), %err, "cannot read namespace")
+                    tracing::debug!(path = %e.path().display(), %err, "cannot read namespace")
                 }
             }
         }
     }
-    out.namespaces = seen.len();
     out.netns_unreachable = tables_denied.difference(&tables_seen).count();
     out
+}
+
+/// Turns read tables into connections, with owners from every process's fd table.
+pub fn with_owners(proc: &Path, tables: Tables) -> Scan {
+    let (owners, owners_denied) = socket_owners(proc);
+    let mut out = Scan {
+        namespaces: tables.namespaces.len(),
+        netns_unreachable: tables.netns_unreachable,
+        enter_denied: tables.enter_denied,
+        owners_denied,
+        ..Scan::default()
+    };
+    for (ns, socks) in &tables.namespaces {
+        for s in socks
+            .iter()
+            .filter(|s| is_connection_state(s.state) && s.inode != 0)
+            .filter(|s| !owners.contains_key(&s.inode))
+        {
+            tracing::debug!(netns = ns, local = %s.local, remote = %s.remote, inode = s.inode,
+                "connection found without an owner");
+            out.ownerless.insert(ConnKey {
+                netns: *ns,
+                local: s.local,
+                remote: s.remote,
+            });
+        }
+        out.conns.extend(connections(*ns, socks, &owners));
+    }
+    out
+}
+
+/// Scans every network namespace on the host for existing connections, with their owners.
+pub fn scan(proc: &Path, netns_dirs: &[PathBuf]) -> Scan {
+    // Tables first, then owners: a socket read in a table keeps its fd through the owner scan
+    // unless it closes meanwhile, and then its close is traced.
+    with_owners(proc, tables(proc, netns_dirs))
 }
 
 #[cfg(test)]

@@ -38,6 +38,16 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabels {
+    pub program: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FeatureLabels {
     pub feature: &'static str,
 }
@@ -78,6 +88,11 @@ pub struct Metrics {
     pub kube_watch_restarts: Counter,
     pub features: Family<FeatureLabels, Gauge>,
     pub verdict_changes: Family<VerdictChangeLabels, Counter>,
+    pub reconciled: Family<ActionLabels, Counter>,
+    pub reconcile_rounds: Counter,
+    pub program_misses: Family<ProgramLabels, Counter>,
+    program_misses_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    kernel_skipped_seen: AtomicU64,
     /// Kernel loss totals last read, to turn them into counter increments.
     kernel_lost_seen: [AtomicU64; fanout_common::LostReason::COUNT as usize],
     kube_seen: [AtomicU64; 2],
@@ -223,7 +238,35 @@ impl Metrics {
              verdicts",
             verdict_changes.clone(),
         );
+        let reconciled = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "fanout_reconciled",
+            "Rows the comparison with the kernel's socket tables fixed: removed (a lost close) or \
+             added (a lost open)",
+            reconciled.clone(),
+        );
+        let reconcile_rounds = Counter::default();
+        registry.register(
+            "fanout_reconcile_rounds",
+            "Comparisons of the connection table with the kernel's socket tables",
+            reconcile_rounds.clone(),
+        );
+        let program_misses = Family::<ProgramLabels, Counter>::default();
+        registry.register(
+            "fanout_bpf_program_misses",
+            "Runs of a fanout eBPF program the kernel skipped (recursion_misses: another BPF \
+             program was running on that CPU)",
+            program_misses.clone(),
+        );
+        for action in ["removed", "added"] {
+            let _ = reconciled.get_or_create(&ActionLabels { action });
+        }
         Metrics {
+            reconciled,
+            reconcile_rounds,
+            program_misses,
+            program_misses_seen: Default::default(),
+            kernel_skipped_seen: Default::default(),
             features,
             verdict_changes,
             identity_synced,
@@ -307,6 +350,34 @@ impl Metrics {
             });
             bump_to(&counter, &self.kernel_lost_seen[reason as usize], total);
         }
+    }
+
+    /// Brings the per-program skipped-run counters up to the kernel's totals.
+    pub fn set_program_misses(&self, totals: &[(String, u64)]) {
+        let mut seen = self
+            .program_misses_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (program, total) in totals {
+            let counter = self.program_misses.get_or_create(&ProgramLabels {
+                program: program.clone(),
+            });
+            let before = seen.insert(program.clone(), *total).unwrap_or(0);
+            if *total > before {
+                counter.inc_by(total - before);
+            }
+        }
+        // A skipped run of a program that emits records may be a lost record: counted with the
+        // other losses (an upper bound: the run might have emitted nothing).
+        let skipped: u64 = totals
+            .iter()
+            .filter(|(p, _)| crate::probe::RECORD_PROGRAMS.contains(&p.as_str()))
+            .map(|(_, n)| n)
+            .sum();
+        let counter = self.lost.get_or_create(&ReasonLabels {
+            reason: "kernel_skipped",
+        });
+        bump_to(&counter, &self.kernel_skipped_seen, skipped);
     }
 
     pub fn inventory_reload(&self, ok: bool) {

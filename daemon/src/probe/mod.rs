@@ -13,7 +13,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod tracefs;
 
-use std::path::PathBuf;
+use std::{os::fd::AsFd as _, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -410,10 +410,40 @@ impl Probe {
         }
     }
 
+    /// For every loaded program: the runs the kernel skipped (`recursion_misses` of the
+    /// program's info, read from its fdinfo): each skipped run of a record-emitting program may
+    /// be a lost record.
+    pub fn program_misses(&self) -> Vec<(String, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, prog)| {
+                let fd = prog.fd().ok()?;
+                let path = format!(
+                    "/proc/self/fdinfo/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd())
+                );
+                let text = std::fs::read_to_string(path).ok()?;
+                Some((name.to_string(), fdinfo_field(&text, "recursion_misses")?))
+            })
+            .collect()
+    }
+
     /// Names of the attached programs.
     pub fn programs(&self) -> Vec<String> {
         self.ebpf.programs().map(|(n, _)| n.to_string()).collect()
     }
+}
+
+/// Programs whose runs emit lifecycle records: a run the kernel skipped may be a lost record.
+pub const RECORD_PROGRAMS: [&str; 3] =
+    ["inet_sock_set_state", "sys_exit_accept4", "sys_exit_accept"];
+
+/// A `name:\tvalue` field of a BPF object's fdinfo text.
+pub fn fdinfo_field(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == name).then(|| v.trim().parse().ok())?
+    })
 }
 
 /// Maps a program error to the probe error naming the program.
@@ -573,6 +603,15 @@ mod tests {
         assert!(plan.describe().contains("without owner"));
         assert!(plan.describe().contains("no byte counters"));
         assert!(plan.describe().contains("requests from messages"));
+    }
+
+    #[test]
+    fn fdinfo_fields_are_read() {
+        let text = "pos:\t0\nflags:\t02000002\nprog_type:\t5\nprog_id:\t42\nrun_time_ns:\t0\n\
+                    run_cnt:\t0\nrecursion_misses:\t17\nverified_insns:\t300\n";
+        assert_eq!(fdinfo_field(text, "recursion_misses"), Some(17));
+        assert_eq!(fdinfo_field(text, "prog_id"), Some(42));
+        assert_eq!(fdinfo_field(text, "missing"), None);
     }
 
     #[test]
