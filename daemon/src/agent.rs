@@ -24,7 +24,7 @@ use crate::{
     },
     conntable::{Change, Conn, ConnKey, ConnTable, reconcile::Reconciler, recover},
     event::{Event, reader},
-    exposition::{http, metrics::Metrics},
+    exposition::{http, metrics::Metrics, server},
     features::{Feature, Features},
     identity::{
         Identity, IdentitySource,
@@ -74,6 +74,8 @@ pub struct AgentOptions {
     pub conntrack_netns: Option<PathBuf>,
     /// Sliding window, thresholds and caps of the balance analysis.
     pub analysis: AnalysisConfig,
+    /// The HTTP API's connection cap and timeouts.
+    pub api: server::Limits,
 }
 
 impl Default for AgentOptions {
@@ -89,6 +91,7 @@ impl Default for AgentOptions {
             identity: IdentitySource::None,
             conntrack_netns: None,
             analysis: AnalysisConfig::default(),
+            api: server::Limits::default(),
         }
     }
 }
@@ -209,6 +212,8 @@ pub struct Shared {
     heartbeat: std::sync::atomic::AtomicU64,
     /// The comparison with the kernel's socket tables, carried between rounds.
     reconciler: Mutex<Reconciler>,
+    /// The API server's connection figures.
+    pub http: server::ServerStats,
 }
 
 impl Shared {
@@ -216,6 +221,8 @@ impl Shared {
         let analyzer = Arc::new(Mutex::new(analyzer));
         let mut metrics = Metrics::new();
         metrics.register_balance(analyzer.clone(), monotonic_ns);
+        let http_stats = server::ServerStats::default();
+        http_stats.register(&mut metrics.registry);
         let gauge = metrics.features.clone();
         let features = Features::new(move |feature, enabled| {
             crate::exposition::metrics::set_feature(&gauge, feature, enabled)
@@ -224,6 +231,7 @@ impl Shared {
             features,
             heartbeat: Default::default(),
             reconciler: Mutex::new(Reconciler::new()),
+            http: http_stats,
             verdicts: Mutex::new(VerdictHistory::new(
                 VERDICT_HISTORY_CAP,
                 VERDICT_HISTORY_FORGET,
@@ -591,14 +599,35 @@ impl Agent {
         tasks.push({
             let router = http::router(shared.clone());
             let mut stop_rx = stop_rx.clone();
+            // The API never holds more connections than the descriptors allow, sheds idle ones
+            // for new ones, and times out slow and idle clients: a flood of sockets from any pod
+            // cannot starve the probes.
+            let soft = match server::raise_nofile_limit() {
+                Ok((before, after)) => {
+                    if after > before {
+                        tracing::info!(before, after, "raised the open-files limit");
+                    }
+                    after
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read or raise the open-files limit");
+                    1024
+                }
+            };
+            let limits = server::Limits {
+                max_connections: server::connection_cap(opts.api.max_connections, soft),
+                ..opts.api.clone()
+            };
+            tracing::info!(
+                max_connections = limits.max_connections,
+                "HTTP connection cap"
+            );
+            let stats = shared.http.clone();
             tokio::spawn(async move {
                 let shutdown = async move {
                     let _ = stop_rx.wait_for(|s| *s).await;
                 };
-                if let Err(e) = axum::serve(listener, router)
-                    .with_graceful_shutdown(shutdown)
-                    .await
-                {
+                if let Err(e) = server::serve(listener, router, limits, stats, shutdown).await {
                     tracing::error!(error = %e, "HTTP server failed");
                 }
             })

@@ -130,6 +130,10 @@ pub struct RunArgs {
     /// above which they are long-lived (pick_first).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub short_lifetime: Duration,
+    /// Most concurrent HTTP connections (kept below the open-files limit; idle ones are shed for
+    /// new ones, so a flood cannot starve the probes).
+    #[arg(long, default_value_t = crate::exposition::server::Limits::default().max_connections)]
+    pub api_max_connections: usize,
     /// Network namespace whose conntrack table holds kube-proxy's NAT (default: the daemon's
     /// own, which is the node's when it runs with hostNetwork).
     #[arg(long)]
@@ -165,6 +169,10 @@ impl RunArgs {
                 (None, false) => IdentitySource::None,
             },
             conntrack_netns: self.conntrack_netns.clone(),
+            api: crate::exposition::server::Limits {
+                max_connections: self.api_max_connections,
+                ..Default::default()
+            },
             analysis: crate::analysis::AnalysisConfig {
                 window: self.window,
                 grace: self.grace,

@@ -10,7 +10,6 @@ use std::{
     collections::{BTreeSet, HashSet},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -22,11 +21,7 @@ use fanout_common::{RecordKind, tcp};
 use xtask::lab::{self, EchoServer, Lab, Pod};
 
 /// One test at a time (see the module doc).
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn agent(tune: impl FnOnce(&mut AgentOptions)) -> Agent {
     let mut opts = AgentOptions {
@@ -226,7 +221,7 @@ async fn burst(clients: &[Pod], to: SocketAddr, n: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_the_kernel_emits_is_read_or_counted_lost() {
     lab::require_root("the accounting tests load eBPF programs and build a lab");
-    let _one = serial();
+    let _one = SERIAL.lock().await;
     let lab = Lab::new(4).expect("lab");
     let server_pod = lab.pod(3);
     let per_client = 2000;
@@ -303,7 +298,7 @@ async fn every_record_the_kernel_emits_is_read_or_counted_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_table_converges_on_the_kernel_after_lost_records() {
     lab::require_root("the accounting tests load eBPF programs and build a lab");
-    let _one = serial();
+    let _one = SERIAL.lock().await;
     let (lab, server) = lab::client_server(false, 10_000).expect("lab");
     let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
     // A one-page ring read every 100 ms: a burst overflows it, so opens and closes are lost.
@@ -359,7 +354,7 @@ async fn the_table_converges_on_the_kernel_after_lost_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_in_a_burst_brings_back_no_closed_connection() {
     lab::require_root("the accounting tests load eBPF programs and build a lab");
-    let _one = serial();
+    let _one = SERIAL.lock().await;
     let (lab, server) = lab::client_server(false, 100_000).expect("lab");
     let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
     let to = server.addr;

@@ -717,6 +717,111 @@ fn teardown_check_names_what_outlives_the_daemon() {
     assert_nothing_left(&att, &root, "releasing the held links");
 }
 
+/// Sets this process's open-files limit (soft and hard) to `n`, or raises the soft one to `n`.
+fn set_nofile(soft: u64, hard: u64) -> std::io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit with a valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A node agent's liveness must not be in the hands of any pod that can reach its port: with
+/// its descriptors limited to 1024 (`ulimit -n 1024`), 1100 idle sockets and 200 slowloris
+/// sockets (headers trickled a byte a second) do not stop /healthz and /metrics from answering,
+/// and the shed connections are counted.
+#[test]
+fn the_api_keeps_answering_under_a_flood_of_idle_and_slow_sockets() {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::process::CommandExt as _;
+    lab::require_root("the flood test runs the daemon");
+    // Room for our own 1300 sockets.
+    set_nofile(4096, 4096).expect("raise the test's own open-files limit");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanout"));
+    cmd.args(["run", "--listen", &addr.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: only async-signal-safe setrlimit between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| set_nofile(1024, 1024));
+    }
+    let mut daemon = Reap(cmd.spawn().expect("spawn fanout"));
+    wait_for("healthz", Duration::from_secs(30), || {
+        if let Some(s) = daemon.0.try_wait().expect("wait") {
+            panic!("fanout exited before serving: {s}");
+        }
+        matches!(http::get(addr, "/healthz"), Ok((200, _))).then_some(())
+    });
+    let mut idle = Vec::new();
+    for _ in 0..1100 {
+        if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            idle.push(s);
+        }
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow: Vec<_> = (0..200)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+                    return;
+                };
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+                let end = Instant::now() + Duration::from_secs(30);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+                    if s.write_all(b"X").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    for path in ["/healthz", "/metrics"].iter().cycle().take(40) {
+        let start = Instant::now();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)
+            .unwrap_or_else(|e| panic!("{path} under the flood: {e}"));
+        assert_eq!(&head[9..12], b"200", "{path}");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{path} took {:?}",
+            start.elapsed()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in slow {
+        let _ = t.join();
+    }
+    drop(idle);
+    let (_, metrics) = http::get(addr, "/metrics").expect("metrics");
+    let shed: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fanout_http_connections_shed_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(shed > 0.0, "the flood was shed and counted");
+    kill_and_reap(&mut daemon, libc::SIGTERM);
+}
+
 #[test]
 fn bad_command_lines_are_rejected_clearly() {
     let out = Command::new(env!("CARGO_BIN_EXE_fanout"))

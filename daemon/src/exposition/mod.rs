@@ -3,3 +3,4 @@
 pub mod balance;
 pub mod http;
 pub mod metrics;
+pub mod server;
