@@ -270,6 +270,11 @@ pub fn run(bin: &Path, rounds: usize, conns: usize, scrape: &str, out: &Path) ->
     for l in table {
         writeln!(md, "{l}")?;
     }
+    // The soak's section (`cargo xtask soak`) is kept as it is.
+    let old = std::fs::read_to_string(out).unwrap_or_default();
+    if let Some(soak) = crate::report::section(&old, "soak") {
+        write!(md, "\n{soak}\n")?;
+    }
     std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;
     print!("{md}");
     Ok(())

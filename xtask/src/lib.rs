@@ -6,4 +6,6 @@ pub mod http;
 pub mod image;
 pub mod lab;
 pub mod prom;
+pub mod report;
 pub mod setup;
+pub mod soak;

@@ -58,6 +58,13 @@ enum Task {
         #[arg(long, default_value = xtask::image::DEFAULT_TAG)]
         tag: String,
     },
+    /// Weeks of a node compressed into minutes against the release daemon (bursts, ring
+    /// overflows, restarts, inventory swaps); checks the table equals the kernel's, every loss is
+    /// counted and RSS stays flat, and writes its section of BENCHMARKS.md. Not part of `test`.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Lab maintenance.
     Lab {
         #[command(subcommand)]
@@ -188,6 +195,15 @@ fn main() -> Result<()> {
             cargo(&["build", "--release", "--package", "fanout"])?;
             let out = out.unwrap_or_else(|| target_dir().join("image"));
             xtask::image::build(&target_dir().join("release/fanout"), &out, &tag).map(drop)
+        }
+        Task::Soak { minutes } => {
+            setup::run()?;
+            cargo(&["build", "--release", "--package", "fanout"])?;
+            xtask::soak::run(
+                &target_dir().join("release/fanout"),
+                minutes,
+                &workspace_root().join("BENCHMARKS.md"),
+            )
         }
         Task::Lab { cmd: LabCmd::Clean } => {
             for ns in lab::sweep(true) {
