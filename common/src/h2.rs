@@ -387,6 +387,12 @@ impl H2Scan {
         self.reason == 0
     }
 
+    /// The scanner's verdict as a lifecycle record carries it: 1 while parsable, `1 +`
+    /// [`H2Unparsable`] once not (0 means no scanner followed the connection).
+    pub const fn status(&self) -> u8 {
+        1 + self.reason
+    }
+
     /// Why the direction is not parsable, if it is not.
     pub const fn unparsable_reason(&self) -> Option<H2Unparsable> {
         H2Unparsable::from_u8(self.reason)

@@ -1,7 +1,7 @@
 //! The record the kernel writes to the ring buffer, the per-socket state it keeps, and the reasons
 //! a record can be lost.
 
-/// One lifecycle step of one TCP socket. 128 bytes, no padding, 8-byte aligned.
+/// One lifecycle step of one TCP socket. 136 bytes, no padding, 8-byte aligned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -29,7 +29,9 @@ pub struct Record {
     pub ip_version: u8,
     /// `FLAG_*` bits.
     pub flags: u8,
-    pub _pad0: u8,
+    /// For [`RecordKind::Close`] of a connection the HTTP/2 scanner followed: 1 while it parsed
+    /// as HTTP/2, `1 + H2Unparsable` once it did not; 0 when the scanner never followed it.
+    pub h2: u8,
     /// Local address; IPv4 uses the first four bytes.
     pub saddr: [u8; 16],
     /// Remote address; IPv4 uses the first four bytes.
@@ -42,6 +44,9 @@ pub struct Record {
     pub bytes_recv: u64,
     pub msgs_sent: u64,
     pub msgs_recv: u64,
+    /// For [`RecordKind::Close`] with `h2 != 0`: the client-initiated HTTP/2 streams (requests)
+    /// the scanner counted on the connection's egress, final.
+    pub requests: u64,
 }
 
 impl Record {
@@ -67,7 +72,7 @@ impl Record {
             kind: 0,
             ip_version: 0,
             flags: 0,
-            _pad0: 0,
+            h2: 0,
             saddr: [0; 16],
             daddr: [0; 16],
             comm: [0; 16],
@@ -76,6 +81,7 @@ impl Record {
             bytes_recv: 0,
             msgs_sent: 0,
             msgs_recv: 0,
+            requests: 0,
         }
     }
 }
@@ -168,8 +174,8 @@ impl SockState {
     }
 }
 
-/// Key of the HTTP/2 scanner state of one connection's egress direction: the packet's addresses
-/// as the sender sees them (local first).
+/// Key of the HTTP/2 scanner state of one connection's egress direction: the socket's own
+/// addresses (local first; IPv4-mapped IPv6 addresses as IPv4), which NAT never rewrites.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -211,6 +217,36 @@ impl LostReason {
     }
 }
 
+impl H2Key {
+    /// The key of the socket a lifecycle record names: the same one the egress scanner derives
+    /// from the socket (a dual-stack socket talking IPv4 reports `::ffff:a.b.c.d`: IPv4 here).
+    #[inline(always)]
+    pub fn of_record(rec: &Record) -> H2Key {
+        let mut key = H2Key {
+            local: rec.saddr,
+            remote: rec.daddr,
+            local_port: rec.sport,
+            remote_port: rec.dport,
+            ip_version: rec.ip_version,
+            _pad: [0; 3],
+        };
+        if rec.ip_version == 6 && v4_mapped(&rec.saddr) && v4_mapped(&rec.daddr) {
+            key.ip_version = 4;
+            key.local = [0; 16];
+            key.remote = [0; 16];
+            key.local[..4].copy_from_slice(&rec.saddr[12..]);
+            key.remote[..4].copy_from_slice(&rec.daddr[12..]);
+        }
+        key
+    }
+}
+
+/// `::ffff:0:0/96`.
+#[inline(always)]
+fn v4_mapped(a: &[u8; 16]) -> bool {
+    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain `#[repr(C)]` data without padding or pointers; any bit pattern is valid.
@@ -224,8 +260,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn h2_keys_of_records_fold_mapped_ipv4() {
+        let mut rec = Record::zeroed();
+        rec.ip_version = 6;
+        rec.saddr[10..].copy_from_slice(&[0xff, 0xff, 10, 244, 0, 2]);
+        rec.daddr[10..].copy_from_slice(&[0xff, 0xff, 10, 96, 0, 10]);
+        rec.sport = 40000;
+        rec.dport = 80;
+        let k = H2Key::of_record(&rec);
+        assert_eq!(k.ip_version, 4);
+        assert_eq!(&k.local[..4], &[10, 244, 0, 2]);
+        assert_eq!(&k.remote[..4], &[10, 96, 0, 10]);
+        assert_eq!(k.local[4..], [0; 12]);
+        rec.daddr = [0xfd; 16];
+        assert_eq!(
+            H2Key::of_record(&rec).ip_version,
+            6,
+            "not both mapped: IPv6"
+        );
+    }
+
+    #[test]
     fn record_layout_has_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<Record>(), 128);
+        assert_eq!(core::mem::size_of::<Record>(), 136);
         assert_eq!(core::mem::align_of::<Record>(), 8);
         assert_eq!(core::mem::size_of::<SockState>(), 72);
         assert_eq!(core::mem::size_of::<H2Key>(), 40);

@@ -320,15 +320,11 @@ impl Shared {
         let Some(id) = feed::conn_id(conn) else {
             return;
         };
-        // The final figures: counters from the close record, requests from the scanner state
-        // the kernel keeps after close.
+        // The final figures, as the close record carried them (no map is read).
         let final_counters = || {
-            let h2 = self.probe.get().and_then(|p| {
-                p.lock()
-                    .ok()?
-                    .h2_state(&crate::conntable::h2_key(&conn.key))
-            });
-            let req = crate::conntable::requests_figure(h2.as_ref(), &conn.counters);
+            let req = conn
+                .requests
+                .unwrap_or_else(|| crate::conntable::requests_of(None, &conn.counters));
             feed::counters_of(&conn.counters, &req)
         };
         // Only an outbound connection with no backend yet can have its open queued (see

@@ -46,15 +46,22 @@ static CONFIG: Config = Config::zeroed();
 #[map]
 static RECORDS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
+/// `BPF_F_NO_PREALLOC`: entries are allocated as sockets come, so the map costs what is live, not
+/// its capacity.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
 /// Socket address → owner and start time, from connect/passive open until close.
 #[map]
-static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, 0);
+static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
-/// HTTP/2 request counting state per connection egress direction, keyed by the socket's own
-/// addresses (never the packet's, which NAT in the client's namespace may have rewritten).
-/// LRU: connections that are not HTTP/2 leave their (unparsable) entries to be evicted.
+/// HTTP/2 request counting state of the egress of every connection dialled while the tracer ran,
+/// keyed by the socket's own addresses (never the packet's, which NAT in the client's namespace
+/// may have rewritten). The lifecycle program creates an entry when a connection it saw dialled
+/// establishes and takes it, final count included, into the close record; the egress scanner
+/// only looks entries up, so other traffic costs a lookup and never an entry. LRU: an entry whose
+/// close was missed is evicted in time.
 #[map]
-static H2: LruHashMap<H2Key, H2Scan> = LruHashMap::with_max_entries(65536, 0);
+static H2: LruHashMap<H2Key, H2Scan> = LruHashMap::with_max_entries(16384, 0);
 
 /// Per-CPU loss counters, indexed by `LostReason`.
 #[map]
@@ -194,17 +201,22 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             current_owner(&mut rec);
             remember(ctx, sk, &SockState::owned_by(&rec));
         }
-        RecordKind::Established => match SOCKS.get_ptr_mut(sk) {
-            Some(st) => {
-                // SAFETY: map value pointer from a successful lookup.
-                let st = unsafe { &mut *st };
-                st.start_ns = rec.ts_ns;
-                owner_from_state(&mut rec, st);
+        RecordKind::Established => {
+            match SOCKS.get_ptr_mut(sk) {
+                Some(st) => {
+                    // SAFETY: map value pointer from a successful lookup.
+                    let st = unsafe { &mut *st };
+                    st.start_ns = rec.ts_ns;
+                    owner_from_state(&mut rec, st);
+                }
+                None => {
+                    remember(ctx, sk, &SockState::started(rec.ts_ns));
+                }
             }
-            None => {
-                remember(ctx, sk, &SockState::started(rec.ts_ns));
-            }
-        },
+            // A connection dialled from here: its egress is scanned for HTTP/2 requests from its
+            // first byte (the preface).
+            let _ = H2.insert(H2Key::of_record(&rec), H2Scan::new(), 0);
+        }
         RecordKind::PassiveOpen => {
             // Usually softirq context: the current task is not the owner. accept() tells.
             remember(ctx, sk, &SockState::started(rec.ts_ns));
@@ -224,6 +236,13 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 rec.msgs_sent = st.msgs_sent;
                 rec.msgs_recv = st.msgs_recv;
                 let _ = SOCKS.remove(sk);
+            }
+            // The scanner's final figure travels with the close: user space reads no map.
+            let key = H2Key::of_record(&rec);
+            if let Some(scan) = unsafe { H2.get(&key) } {
+                rec.h2 = scan.status();
+                rec.requests = scan.requests();
+                let _ = H2.remove(&key);
             }
         }
         RecordKind::Accepted => {}
@@ -480,14 +499,9 @@ fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
         return Ok(());
     }
     let plen = len - payload_off;
-    let st = match H2.get_ptr_mut(key) {
-        Some(p) => p,
-        None => {
-            // The first payload of a connection we have not seen: a client starts with the
-            // preface; anything else turns unparsable at once and stays so.
-            H2.insert(key, H2Scan::new(), 0)?;
-            H2.get_ptr_mut(key).ok_or(-1i64)?
-        }
+    // Only connections the lifecycle program saw dialled have an entry.
+    let Some(st) = H2.get_ptr_mut(key) else {
+        return Ok(());
     };
     // SAFETY: map value pointer, valid for this program run.
     let st = unsafe { &mut *st };

@@ -12,12 +12,12 @@ use std::{
 };
 
 use fanout_common::RecordKind;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::event::{Counters, Event, Owner};
 
 /// Where a request count comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestSource {
     /// Client-initiated HTTP/2 streams counted from the frames in the kernel.
@@ -53,7 +53,7 @@ pub struct ConnKey {
     pub remote: SocketAddr,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// This side called connect().
@@ -71,7 +71,7 @@ impl Direction {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Origin {
     /// Seen opening by the tracer.
@@ -157,9 +157,15 @@ pub fn h2_key(key: &ConnKey) -> fanout_common::H2Key {
 /// The request figure of an outbound connection: HTTP/2 streams while the scanner can parse the
 /// connection, otherwise the messages sent, with the reason HTTP/2 was not parsable.
 pub fn requests_figure(h2: Option<&fanout_common::h2::H2Scan>, counters: &Counters) -> Requests {
+    requests_of(h2.map(|h| (h.status(), h.requests())), counters)
+}
+
+/// [`requests_figure`] from the scanner's `(status, requests)` as a close record carries them
+/// (`status` 1: parsable; `1 + H2Unparsable`: not; no figure: the scanner never followed it).
+pub fn requests_of(h2: Option<(u8, u64)>, counters: &Counters) -> Requests {
     match h2 {
-        Some(h) if h.parsable() => Requests {
-            count: h.requests(),
+        Some((1, requests)) => Requests {
+            count: requests,
             source: RequestSource::H2,
             unparsable: None,
         },
@@ -167,7 +173,9 @@ pub fn requests_figure(h2: Option<&fanout_common::h2::H2Scan>, counters: &Counte
             count: counters.msgs_sent,
             source: RequestSource::Messages,
             unparsable: other
-                .and_then(|h| h.unparsable_reason())
+                .and_then(|(status, _)| {
+                    fanout_common::h2::H2Unparsable::from_u8(status.saturating_sub(1))
+                })
                 .map(|r| r.as_str()),
         },
     }
@@ -319,6 +327,12 @@ impl ConnTable {
                     Some(mut conn) => {
                         if let Some(c) = ev.counters {
                             conn.counters = c;
+                        }
+                        if conn.direction == Direction::Outbound {
+                            conn.requests = Some(requests_of(
+                                ev.h2.map(|h| (h.status, h.requests)),
+                                &conn.counters,
+                            ));
                         }
                         Change::Closed {
                             conn,

@@ -8,10 +8,10 @@ use std::{
 };
 
 use fanout_common::{Record, RecordKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The process that owns a socket, captured in its own context at connect or accept.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     pub pid: u32,
     pub tid: u32,
@@ -35,10 +35,21 @@ pub struct Event {
     pub duration: Option<Duration>,
     /// Final byte and message counters, on close when the kernel tracked the socket.
     pub counters: Option<Counters>,
+    /// The HTTP/2 scanner's final figure, on close of a connection it followed.
+    pub h2: Option<H2Final>,
+}
+
+/// What the HTTP/2 scanner concluded about a connection's egress, as the close record carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct H2Final {
+    /// 1 while it parsed as HTTP/2, `1 + H2Unparsable` once it did not.
+    pub status: u8,
+    /// Requests (client-initiated streams) counted.
+    pub requests: u64,
 }
 
 /// Payload bytes and send/receive calls of one connection, counted in the kernel.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     pub bytes_sent: u64,
     pub bytes_recv: u64,
@@ -123,6 +134,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         msgs_sent: rec.msgs_sent,
         msgs_recv: rec.msgs_recv,
     });
+    let h2 = (kind == RecordKind::Close && rec.h2 != 0).then_some(H2Final {
+        status: rec.h2,
+        requests: rec.requests,
+    });
     Ok(Event {
         kind,
         ts_ns: rec.ts_ns,
@@ -133,6 +148,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         owner,
         duration,
         counters,
+        h2,
     })
 }
 

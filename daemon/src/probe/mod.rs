@@ -90,7 +90,7 @@ impl Default for ProbeOptions {
     fn default() -> Self {
         ProbeOptions {
             ring_bytes: 8 << 20,
-            sock_entries: 262_144,
+            sock_entries: 65_536,
             wakeup_bytes: 256 << 10,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             cgroup_root: None,
