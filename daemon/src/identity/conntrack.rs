@@ -13,20 +13,49 @@
 //! it works from every thread.
 //!
 //! The protocol is one request and one answer (`IPCTNL_MSG_CT_GET` of the ctnetlink subsystem of
-//! nfnetlink), small enough to encode by hand: [`encode_get`] and [`decode_answer`] are pure and
-//! tested without root. Every read is bounded (a 64 KiB buffer, a one-second receive timeout), and
-//! nothing the kernel sends can make the decoder panic: malformed answers are errors.
+//! nfnetlink). The rust-netlink crates do the protocol: `netlink-packet-netfilter` encodes the GET
+//! with its `CTA_TUPLE_ORIG` and parses the entry (`CTA_TUPLE_REPLY`), `netlink-packet-core` the
+//! netlink header and `NLMSG_ERROR`, `netlink-sys` owns the socket. [`encode_get`] and
+//! [`decode_answer`] are pure and tested without root. What stays ours, and why:
+//!
+//! - Splitting a datagram into messages (`messages`): `netlink-packet-core` parses one message
+//!   from the front of a buffer and has no iterator over a datagram; we also need a message's
+//!   sequence number before its body is parsed, to skip late answers to a timed-out request.
+//! - Which message types reach the parser: only the netlink control messages and conntrack entries
+//!   (`IPCTNL_MSG_CT_NEW`) are handed to `NetlinkMessage::deserialize`, so the crate's parsers of
+//!   other nfnetlink subsystems never run on what the kernel sends.
+//! - The mapping to [`Tuple`]: TCP only, both addresses of one family, IPv4-mapped IPv6 looked up
+//!   as IPv4, tuples that mix families refused.
+//! - The receive timeout: `netlink_sys::Socket` has no setter for `SO_RCVTIMEO`; `socket2` sets it
+//!   on the socket's descriptor.
+//! - Entering a namespace ([`Conntrack::open_in`]): `setns(2)` is not netlink, no crate of the
+//!   family does it.
+//!
+//! Every read is bounded (a 64 KiB buffer, a one-second receive timeout), and nothing the kernel
+//! sends can make the decoder panic: malformed answers are errors.
 
 use std::{
     fmt,
     fs::File,
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{Mutex, PoisonError},
     time::{Duration, Instant},
 };
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN, NetlinkBuffer,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+    conntrack::{
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple as CtTuple,
+    },
+};
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_NETFILTER};
 
 /// Size of the buffer an answer is received into. One conntrack entry takes a few hundred bytes.
 pub const RECV_BUFFER: usize = 64 * 1024;
@@ -34,39 +63,10 @@ pub const RECV_BUFFER: usize = 64 * 1024;
 /// was sent, so it takes at most about twice this.
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(1);
 
-// netlink (linux/netlink.h).
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_NOOP: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLMSG_OVERRUN: u16 = 4;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLA_HDRLEN: usize = 4;
-const NLA_F_NESTED: u16 = 1 << 15;
-const NLA_F_NET_BYTEORDER: u16 = 1 << 14;
-const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | NLA_F_NET_BYTEORDER);
-
-// nfnetlink (linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h).
-const NFGENMSG_LEN: usize = 4;
+/// nfgenmsg.version (linux/netfilter/nfnetlink.h).
 const NFNETLINK_V0: u8 = 0;
-const NFNL_SUBSYS_CTNETLINK: u16 = 1;
-const IPCTNL_MSG_CT_NEW: u16 = 0;
-const IPCTNL_MSG_CT_GET: u16 = 1;
-const CT_NEW: u16 = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW;
-const CT_GET: u16 = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET;
-const CTA_TUPLE_ORIG: u16 = 1;
-const CTA_TUPLE_REPLY: u16 = 2;
-const CTA_TUPLE_IP: u16 = 1;
-const CTA_TUPLE_PROTO: u16 = 2;
-const CTA_IP_V4_SRC: u16 = 1;
-const CTA_IP_V4_DST: u16 = 2;
-const CTA_IP_V6_SRC: u16 = 3;
-const CTA_IP_V6_DST: u16 = 4;
-const CTA_PROTO_NUM: u16 = 1;
-const CTA_PROTO_SRC_PORT: u16 = 2;
-const CTA_PROTO_DST_PORT: u16 = 3;
-const IPPROTO_TCP: u8 = 6;
+/// The netlink message type of a conntrack entry: NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW.
+const CT_NEW: u16 = 1 << 8;
 
 /// A TCP connection's addresses in one direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -131,8 +131,8 @@ pub enum ConntrackError {
 }
 
 impl ConntrackError {
-    fn malformed(what: impl Into<String>) -> Self {
-        ConntrackError::Malformed(what.into())
+    fn malformed(what: impl fmt::Display) -> Self {
+        ConntrackError::Malformed(what.to_string())
     }
 }
 
@@ -147,7 +147,7 @@ fn errno_message(errno: i32) -> String {
 
 /// A NETLINK_NETFILTER socket bound to the network namespace it was opened in.
 pub struct Conntrack {
-    fd: OwnedFd,
+    socket: Socket,
     /// One request at a time: answers are matched to requests by sequence number, and the buffer
     /// is reused.
     exchange: Mutex<Exchange>,
@@ -161,67 +161,28 @@ struct Exchange {
 impl fmt::Debug for Conntrack {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Conntrack")
-            .field("fd", &self.fd.as_raw_fd())
+            .field("fd", &self.socket.as_raw_fd())
             .finish_non_exhaustive()
     }
 }
 
-fn kernel_addr() -> libc::sockaddr_nl {
-    // SAFETY: sockaddr_nl is plain data; all zeroes is a valid value (pid 0 is the kernel).
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    addr
+/// Port id 0: the kernel.
+fn kernel() -> NetlinkAddr {
+    NetlinkAddr::new(0, 0)
 }
-
-const SOCKADDR_NL_LEN: libc::socklen_t =
-    std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
 
 impl Conntrack {
     /// Opens the socket in the calling thread's network namespace.
     pub fn open() -> Result<Self, ConntrackError> {
-        let sock_err = |step| ConntrackError::Socket {
-            step,
-            source: io::Error::last_os_error(),
-        };
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if raw < 0 {
-            return Err(sock_err("open"));
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let timeout = libc::timeval {
-            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: RECV_TIMEOUT.subsec_micros() as libc::suseconds_t,
-        };
-        // SAFETY: valid socket and a timeval of the size passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(sock_err("set the receive timeout of"));
-        }
-        // Binding to pid 0 lets the kernel pick a unique port id.
-        let local = kernel_addr();
-        // SAFETY: valid socket and a sockaddr_nl of the size passed.
-        let rc = unsafe { libc::bind(fd.as_raw_fd(), (&raw const local).cast(), SOCKADDR_NL_LEN) };
-        if rc != 0 {
-            return Err(sock_err("bind"));
-        }
+        let sock_err = |step| move |source| ConntrackError::Socket { step, source };
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(sock_err("open"))?;
+        socket2::SockRef::from(&socket)
+            .set_read_timeout(Some(RECV_TIMEOUT))
+            .map_err(sock_err("set the receive timeout of"))?;
+        // The kernel picks a unique port id.
+        socket.bind_auto().map_err(sock_err("bind"))?;
         Ok(Conntrack {
-            fd,
+            socket,
             exchange: Mutex::new(Exchange {
                 seq: 0,
                 buf: vec![0; RECV_BUFFER],
@@ -272,14 +233,13 @@ impl Conntrack {
         let mut entry = None;
         loop {
             let n = self.recv(buf, deadline)?;
-            let datagram = buf.get(..n).unwrap_or_default();
-            for msg in Messages::new(datagram) {
-                let msg = msg?;
+            for msg in messages(buf.get(..n).unwrap_or_default()) {
+                let (msg_seq, msg) = msg?;
                 // A late answer to an earlier request that timed out.
-                if msg.seq != seq {
+                if msg_seq != seq {
                     continue;
                 }
-                match parse_message(msg.ty, msg.body)? {
+                match parse_message(msg)? {
                     Message::Entry(reply) => {
                         entry.get_or_insert(reply);
                     }
@@ -293,33 +253,18 @@ impl Conntrack {
     }
 
     fn send(&self, req: &[u8]) -> Result<(), ConntrackError> {
-        let to = kernel_addr();
         loop {
-            // SAFETY: valid socket, buffer and address of the sizes passed.
-            let n = unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    req.as_ptr().cast(),
-                    req.len(),
-                    0,
-                    (&raw const to).cast(),
-                    SOCKADDR_NL_LEN,
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
+            match self.socket.send_to(req, &kernel(), 0) {
+                Ok(n) if n == req.len() => return Ok(()),
+                Ok(n) => {
+                    return Err(ConntrackError::Send(io::Error::other(format!(
+                        "sent {n} of {} bytes",
+                        req.len()
+                    ))));
                 }
-                return Err(ConntrackError::Send(err));
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ConntrackError::Send(e)),
             }
-            if usize::try_from(n).ok() != Some(req.len()) {
-                return Err(ConntrackError::Send(io::Error::other(format!(
-                    "sent {n} of {} bytes",
-                    req.len()
-                ))));
-            }
-            return Ok(());
         }
     }
 
@@ -329,32 +274,20 @@ impl Conntrack {
             if Instant::now() >= deadline {
                 return Err(ConntrackError::Timeout(RECV_TIMEOUT));
             }
-            let mut from = kernel_addr();
-            let mut from_len = SOCKADDR_NL_LEN;
-            // SAFETY: valid socket, buffer and address of the sizes passed. MSG_TRUNC makes the
-            // call return the datagram's real length, so an oversized one is detected.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                    (&raw mut from).cast(),
-                    &mut from_len,
-                )
-            };
-            let Ok(n) = usize::try_from(n) else {
-                let err = io::Error::last_os_error();
-                match err.kind() {
+            // MSG_TRUNC makes the call return the datagram's real length, so an oversized one is
+            // detected.
+            let (n, from) = match self.socket.recv_from(&mut &mut buf[..], libc::MSG_TRUNC) {
+                Ok(received) => received,
+                Err(e) => match e.kind() {
                     io::ErrorKind::Interrupted => continue,
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                         return Err(ConntrackError::Timeout(RECV_TIMEOUT));
                     }
-                    _ => return Err(ConntrackError::Recv(err)),
-                }
+                    _ => return Err(ConntrackError::Recv(e)),
+                },
             };
             // Only the kernel (port id 0) answers lookups.
-            if from.nl_pid != 0 {
+            if from.port_number() != 0 {
                 continue;
             }
             if n > buf.len() {
@@ -374,84 +307,39 @@ impl Conntrack {
 /// connection has) is encoded as IPv6 with the IPv4 side mapped, so it matches nothing.
 pub fn encode_get(seq: u32, orig: Tuple) -> Vec<u8> {
     let orig = orig.canonical();
-    let family = if orig.src.is_ipv4() && orig.dst.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
+    let v6 = |ip: IpAddr| match ip {
+        IpAddr::V4(ip) => IpAddr::V6(ip.to_ipv6_mapped()),
+        v6 => v6,
     };
-    let mut b = Vec::with_capacity(96);
-    // nlmsghdr: length (patched below), type, flags, sequence, port id (0: the kernel fills it).
-    b.extend_from_slice(&0u32.to_ne_bytes());
-    b.extend_from_slice(&CT_GET.to_ne_bytes());
-    b.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    b.extend_from_slice(&seq.to_ne_bytes());
-    b.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: family, version, resource id (big endian).
-    b.push(family as u8);
-    b.push(NFNETLINK_V0);
-    b.extend_from_slice(&0u16.to_be_bytes());
-    nest(&mut b, CTA_TUPLE_ORIG, |b| put_tuple(b, orig, family));
-    let len = b.len() as u32;
-    b[..4].copy_from_slice(&len.to_ne_bytes());
-    b
-}
-
-/// Writes a tuple's CTA_TUPLE_IP and CTA_TUPLE_PROTO (TCP) attributes.
-fn put_tuple(b: &mut Vec<u8>, t: Tuple, family: i32) {
-    nest(b, CTA_TUPLE_IP, |b| {
-        if family == libc::AF_INET {
-            attr(b, CTA_IP_V4_SRC, &v4_octets(t.src.ip()));
-            attr(b, CTA_IP_V4_DST, &v4_octets(t.dst.ip()));
-        } else {
-            attr(b, CTA_IP_V6_SRC, &v6_octets(t.src.ip()));
-            attr(b, CTA_IP_V6_DST, &v6_octets(t.dst.ip()));
-        }
-    });
-    nest(b, CTA_TUPLE_PROTO, |b| {
-        attr(b, CTA_PROTO_NUM, &[IPPROTO_TCP]);
-        attr(b, CTA_PROTO_SRC_PORT, &t.src.port().to_be_bytes());
-        attr(b, CTA_PROTO_DST_PORT, &t.dst.port().to_be_bytes());
-    });
-}
-
-fn v4_octets(ip: IpAddr) -> [u8; 4] {
-    match ip {
-        IpAddr::V4(ip) => ip.octets(),
-        IpAddr::V6(ip) => ip
-            .to_ipv4_mapped()
-            .unwrap_or(Ipv4Addr::UNSPECIFIED)
-            .octets(),
-    }
-}
-
-fn v6_octets(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
-        IpAddr::V6(ip) => ip.octets(),
-    }
-}
-
-fn align4(n: usize) -> usize {
-    n.saturating_add(3) & !3
-}
-
-/// Appends an attribute, padded to 4 bytes.
-fn attr(b: &mut Vec<u8>, ty: u16, value: &[u8]) {
-    let len = NLA_HDRLEN + value.len();
-    b.extend_from_slice(&(len as u16).to_ne_bytes());
-    b.extend_from_slice(&ty.to_ne_bytes());
-    b.extend_from_slice(value);
-    b.resize(align4(b.len()), 0);
-}
-
-/// Appends a nested attribute (NLA_F_NESTED) whose content `fill` writes.
-fn nest(b: &mut Vec<u8>, ty: u16, fill: impl FnOnce(&mut Vec<u8>)) {
-    let start = b.len();
-    b.extend_from_slice(&0u16.to_ne_bytes());
-    b.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
-    fill(b);
-    let len = (b.len() - start) as u16;
-    b[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    let (family, src, dst) = if orig.src.is_ipv4() && orig.dst.is_ipv4() {
+        (NetfilterProtoFamily::IPv4, orig.src.ip(), orig.dst.ip())
+    } else {
+        let (src, dst) = (v6(orig.src.ip()), v6(orig.dst.ip()));
+        (NetfilterProtoFamily::IPv6, src, dst)
+    };
+    let tuple = vec![
+        CtTuple::Ip(vec![
+            IPTuple::SourceAddress(src),
+            IPTuple::DestinationAddress(dst),
+        ]),
+        CtTuple::Proto(vec![
+            ProtoTuple::Protocol(Protocol::Tcp),
+            ProtoTuple::SourcePort(orig.src.port()),
+            ProtoTuple::DestinationPort(orig.dst.port()),
+        ]),
+    ];
+    let get = NetfilterMessage::new(
+        NetfilterHeader::new(family, NFNETLINK_V0, 0),
+        ConntrackMessage::Get(vec![ConntrackAttribute::CtaTupleOrig(tuple)]),
+    );
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    header.sequence_number = seq;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(get));
+    msg.finalize();
+    let mut buf = vec![0; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    buf
 }
 
 /// Pure: parses a netlink answer to a CT_GET: Ok(Some(reply)) for an IPCTNL_MSG_CT_NEW message,
@@ -461,9 +349,8 @@ fn nest(b: &mut Vec<u8>, ty: u16, fill: impl FnOnce(&mut Vec<u8>)) {
 /// or an empty buffer, is an error: it answers nothing.
 pub fn decode_answer(buf: &[u8]) -> Result<Option<Tuple>, ConntrackError> {
     let mut entry = None;
-    for msg in Messages::new(buf) {
-        let msg = msg?;
-        match parse_message(msg.ty, msg.body)? {
+    for msg in messages(buf) {
+        match parse_message(msg?.1)? {
             Message::Entry(reply) => {
                 entry.get_or_insert(reply);
             }
@@ -473,6 +360,29 @@ pub fn decode_answer(buf: &[u8]) -> Result<Option<Tuple>, ConntrackError> {
         }
     }
     entry.map(Some).ok_or(ConntrackError::NoEntry)
+}
+
+/// The netlink messages of a datagram, as (sequence number, the message's bytes). Yields an
+/// error (and then stops) on a malformed header: a message longer than what is left, or shorter
+/// than its own header.
+fn messages(mut rest: &[u8]) -> impl Iterator<Item = Result<(u32, &[u8]), ConntrackError>> {
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let msg = NetlinkBuffer::new_checked(rest).map(|header| {
+            // new_checked made sure the length is within `rest`.
+            let len = usize::try_from(header.length()).unwrap_or(usize::MAX);
+            let msg = (header.sequence_number(), rest.get(..len).unwrap_or(rest));
+            let next = len.checked_next_multiple_of(4).unwrap_or(usize::MAX);
+            rest = rest.get(next..).unwrap_or_default();
+            msg
+        });
+        if msg.is_err() {
+            rest = &[];
+        }
+        Some(msg.map_err(ConntrackError::malformed))
+    })
 }
 
 /// What one netlink message says.
@@ -488,70 +398,74 @@ enum Message {
     Ignored,
 }
 
-fn parse_message(ty: u16, body: &[u8]) -> Result<Message, ConntrackError> {
-    match ty {
-        NLMSG_NOOP | NLMSG_DONE => Ok(Message::Ignored),
-        NLMSG_ERROR => {
-            let error = read_i32(body, 0).ok_or_else(|| {
-                ConntrackError::malformed("NLMSG_ERROR shorter than its error code")
-            })?;
-            match error {
-                0 => Ok(Message::Ack),
-                e if e < 0 => e
-                    .checked_neg()
-                    .map(Message::Failed)
-                    .ok_or_else(|| ConntrackError::malformed(format!("error code {e}"))),
-                e => Err(ConntrackError::malformed(format!(
-                    "positive error code {e}"
-                ))),
-            }
-        }
-        NLMSG_OVERRUN => Err(ConntrackError::malformed(
+/// Parses one message that [`messages`] split off.
+fn parse_message(msg: &[u8]) -> Result<Message, ConntrackError> {
+    let ty = NetlinkBuffer::new_checked(msg)
+        .map_err(ConntrackError::malformed)?
+        .message_type();
+    // Nothing but control messages and conntrack entries answers a CT_GET.
+    if !matches!(
+        ty,
+        NLMSG_NOOP | NLMSG_ERROR | NLMSG_DONE | NLMSG_OVERRUN | CT_NEW
+    ) {
+        return Err(ConntrackError::malformed(format!(
+            "unexpected netlink message type {ty:#06x}"
+        )));
+    }
+    let msg =
+        NetlinkMessage::<NetfilterMessage>::deserialize(msg).map_err(ConntrackError::malformed)?;
+    match msg.payload {
+        NetlinkPayload::Noop | NetlinkPayload::Done(_) => Ok(Message::Ignored),
+        NetlinkPayload::Error(e) => match e.code.map(|c| c.get()) {
+            None => Ok(Message::Ack),
+            Some(c) => c
+                .checked_neg()
+                .filter(|errno| *errno > 0)
+                .map(Message::Failed)
+                .ok_or_else(|| ConntrackError::malformed(format!("error code {c}"))),
+        },
+        NetlinkPayload::Overrun(_) => Err(ConntrackError::malformed(
             "NLMSG_OVERRUN: the kernel dropped data",
         )),
-        CT_NEW => {
-            let attrs = body.get(NFGENMSG_LEN..).ok_or_else(|| {
-                ConntrackError::malformed("conntrack message shorter than its nfgenmsg")
-            })?;
-            for a in Attrs::new(attrs) {
-                let (ty, value) = a?;
-                if ty == CTA_TUPLE_REPLY {
-                    return parse_tuple(value).map(Message::Entry);
-                }
-            }
-            Err(ConntrackError::malformed(
-                "conntrack entry without CTA_TUPLE_REPLY",
-            ))
-        }
+        NetlinkPayload::InnerMessage(NetfilterMessage {
+            inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)),
+            ..
+        }) => attrs
+            .iter()
+            .find_map(|a| match a {
+                ConntrackAttribute::CtaTupleReply(reply) => Some(reply),
+                _ => None,
+            })
+            .ok_or_else(|| ConntrackError::malformed("conntrack entry without CTA_TUPLE_REPLY"))
+            .and_then(|reply| tuple_of(reply))
+            .map(Message::Entry),
         other => Err(ConntrackError::malformed(format!(
-            "unexpected netlink message type {other:#06x}"
+            "unexpected netlink message {other:?}"
         ))),
     }
 }
 
-/// Parses the content of a CTA_TUPLE_ORIG or CTA_TUPLE_REPLY attribute (TCP only).
-fn parse_tuple(buf: &[u8]) -> Result<Tuple, ConntrackError> {
+/// The TCP tuple a CTA_TUPLE_ORIG or CTA_TUPLE_REPLY holds.
+fn tuple_of(parts: &[CtTuple]) -> Result<Tuple, ConntrackError> {
     let (mut src_ip, mut dst_ip) = (None, None);
     let (mut proto, mut src_port, mut dst_port) = (None, None, None);
-    for a in Attrs::new(buf) {
-        match a? {
-            (CTA_TUPLE_IP, ip) => {
-                for a in Attrs::new(ip) {
-                    match a? {
-                        (CTA_IP_V4_SRC, v) => src_ip = Some(IpAddr::V4(ipv4(v)?)),
-                        (CTA_IP_V4_DST, v) => dst_ip = Some(IpAddr::V4(ipv4(v)?)),
-                        (CTA_IP_V6_SRC, v) => src_ip = Some(IpAddr::V6(ipv6(v)?)),
-                        (CTA_IP_V6_DST, v) => dst_ip = Some(IpAddr::V6(ipv6(v)?)),
+    for part in parts {
+        match part {
+            CtTuple::Ip(ips) => {
+                for ip in ips {
+                    match ip {
+                        IPTuple::SourceAddress(a) => src_ip = Some(*a),
+                        IPTuple::DestinationAddress(a) => dst_ip = Some(*a),
                         _ => {}
                     }
                 }
             }
-            (CTA_TUPLE_PROTO, p) => {
-                for a in Attrs::new(p) {
-                    match a? {
-                        (CTA_PROTO_NUM, v) => proto = v.first().copied(),
-                        (CTA_PROTO_SRC_PORT, v) => src_port = Some(port(v)?),
-                        (CTA_PROTO_DST_PORT, v) => dst_port = Some(port(v)?),
+            CtTuple::Proto(protos) => {
+                for p in protos {
+                    match p {
+                        ProtoTuple::Protocol(p) => proto = Some(*p),
+                        ProtoTuple::SourcePort(p) => src_port = Some(*p),
+                        ProtoTuple::DestinationPort(p) => dst_port = Some(*p),
                         _ => {}
                     }
                 }
@@ -561,10 +475,11 @@ fn parse_tuple(buf: &[u8]) -> Result<Tuple, ConntrackError> {
     }
     let missing = |what: &str| ConntrackError::malformed(format!("tuple without {what}"));
     match proto {
-        Some(IPPROTO_TCP) => {}
+        Some(Protocol::Tcp) => {}
         Some(p) => {
             return Err(ConntrackError::malformed(format!(
-                "tuple of protocol {p}, not TCP"
+                "tuple of protocol {}, not TCP",
+                u8::from(p)
             )));
         }
         None => return Err(missing("CTA_PROTO_NUM")),
@@ -585,142 +500,29 @@ fn parse_tuple(buf: &[u8]) -> Result<Tuple, ConntrackError> {
     Ok(Tuple { src, dst })
 }
 
-fn ipv4(v: &[u8]) -> Result<Ipv4Addr, ConntrackError> {
-    <[u8; 4]>::try_from(v)
-        .map(Ipv4Addr::from)
-        .map_err(|_| ConntrackError::malformed(format!("IPv4 address of {} bytes", v.len())))
-}
-
-fn ipv6(v: &[u8]) -> Result<Ipv6Addr, ConntrackError> {
-    <[u8; 16]>::try_from(v)
-        .map(Ipv6Addr::from)
-        .map_err(|_| ConntrackError::malformed(format!("IPv6 address of {} bytes", v.len())))
-}
-
-fn port(v: &[u8]) -> Result<u16, ConntrackError> {
-    <[u8; 2]>::try_from(v)
-        .map(u16::from_be_bytes)
-        .map_err(|_| ConntrackError::malformed(format!("port of {} bytes", v.len())))
-}
-
-fn read_u16(b: &[u8], at: usize) -> Option<u16> {
-    let bytes = b.get(at..at.checked_add(2)?)?;
-    Some(u16::from_ne_bytes(bytes.try_into().ok()?))
-}
-
-fn read_u32(b: &[u8], at: usize) -> Option<u32> {
-    let bytes = b.get(at..at.checked_add(4)?)?;
-    Some(u32::from_ne_bytes(bytes.try_into().ok()?))
-}
-
-fn read_i32(b: &[u8], at: usize) -> Option<i32> {
-    let bytes = b.get(at..at.checked_add(4)?)?;
-    Some(i32::from_ne_bytes(bytes.try_into().ok()?))
-}
-
-/// One netlink message of a datagram.
-struct RawMessage<'a> {
-    ty: u16,
-    seq: u32,
-    body: &'a [u8],
-}
-
-/// The netlink messages of a datagram. Yields an error (and then stops) on a malformed header.
-struct Messages<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Messages<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Messages { rest: buf }
-    }
-
-    fn next_message(&mut self) -> Result<RawMessage<'a>, ConntrackError> {
-        let have = self.rest.len();
-        let (Some(len), Some(ty), Some(seq)) = (
-            read_u32(self.rest, 0),
-            read_u16(self.rest, 4),
-            read_u32(self.rest, 8),
-        ) else {
-            return Err(ConntrackError::malformed(format!(
-                "{have} trailing bytes, shorter than a netlink header"
-            )));
-        };
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        if len < NLMSG_HDRLEN || len > have {
-            return Err(ConntrackError::malformed(format!(
-                "netlink message of length {len} in {have} remaining bytes"
-            )));
-        }
-        let body = self.rest.get(NLMSG_HDRLEN..len).unwrap_or_default();
-        self.rest = self.rest.get(align4(len).min(have)..).unwrap_or_default();
-        Ok(RawMessage { ty, seq, body })
-    }
-}
-
-impl<'a> Iterator for Messages<'a> {
-    type Item = Result<RawMessage<'a>, ConntrackError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.rest.is_empty() {
-            return None;
-        }
-        let msg = self.next_message();
-        if msg.is_err() {
-            self.rest = &[];
-        }
-        Some(msg)
-    }
-}
-
-/// The attributes of a buffer, as (type without flags, value). Yields an error (and then stops)
-/// on a malformed attribute.
-struct Attrs<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Attrs<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Attrs { rest: buf }
-    }
-
-    fn next_attr(&mut self) -> Result<(u16, &'a [u8]), ConntrackError> {
-        let have = self.rest.len();
-        let (Some(len), Some(ty)) = (read_u16(self.rest, 0), read_u16(self.rest, 2)) else {
-            return Err(ConntrackError::malformed(format!(
-                "{have} trailing bytes, shorter than an attribute header"
-            )));
-        };
-        let len = usize::from(len);
-        if len < NLA_HDRLEN || len > have {
-            return Err(ConntrackError::malformed(format!(
-                "attribute of length {len} in {have} remaining bytes"
-            )));
-        }
-        let value = self.rest.get(NLA_HDRLEN..len).unwrap_or_default();
-        self.rest = self.rest.get(align4(len).min(have)..).unwrap_or_default();
-        Ok((ty & NLA_TYPE_MASK, value))
-    }
-}
-
-impl<'a> Iterator for Attrs<'a> {
-    type Item = Result<(u16, &'a [u8]), ConntrackError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.rest.is_empty() {
-            return None;
-        }
-        let attr = self.next_attr();
-        if attr.is_err() {
-            self.rest = &[];
-        }
-        Some(attr)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use netlink_packet_core::{DefaultNla, ErrorMessage, NLA_F_NESTED};
+    use netlink_packet_netfilter::conntrack::{ProtoInfo, ProtoInfoTCP, Status};
+
     use super::*;
+
+    // The kernel's numbers (linux/netfilter/nfnetlink_conntrack.h), written out so the layout
+    // tests check the crate's encoding against the uapi rather than against itself.
+    const CTA_TUPLE_ORIG: u16 = 1;
+    const CTA_TUPLE_IP: u16 = 1;
+    const CTA_TUPLE_PROTO: u16 = 2;
+    const CTA_IP_V4_SRC: u16 = 1;
+    const CTA_IP_V4_DST: u16 = 2;
+    const CTA_IP_V6_SRC: u16 = 3;
+    const CTA_IP_V6_DST: u16 = 4;
+    const CTA_PROTO_NUM: u16 = 1;
+    const CTA_PROTO_SRC_PORT: u16 = 2;
+    const CTA_PROTO_DST_PORT: u16 = 3;
+    const CTA_ID: u16 = 12;
+    const NLMSG_HDRLEN: usize = 16;
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -731,11 +533,11 @@ mod tests {
     }
 
     fn u16_at(b: &[u8], at: usize) -> u16 {
-        read_u16(b, at).unwrap()
+        u16::from_ne_bytes(b[at..at + 2].try_into().unwrap())
     }
 
     fn u32_at(b: &[u8], at: usize) -> u32 {
-        read_u32(b, at).unwrap()
+        u32::from_ne_bytes(b[at..at + 4].try_into().unwrap())
     }
 
     /// Checks an attribute header at `at`: its length and type (with flags).
@@ -756,7 +558,7 @@ mod tests {
             );
             let len = usize::from(u16_at(b, at));
             let ty = u16_at(b, at + 2);
-            assert!(len >= NLA_HDRLEN && at + len <= b.len(), "attribute fits");
+            assert!(len >= 4 && at + len <= b.len(), "attribute fits");
             if ty & NLA_F_NESTED != 0 {
                 assert!(
                     len.is_multiple_of(4),
@@ -764,7 +566,7 @@ mod tests {
                 );
                 check_alignment(&b[at + 4..at + len], base + at + 4);
             }
-            at += align4(len);
+            at += len.next_multiple_of(4);
         }
         assert_eq!(at, b.len(), "padding ends exactly at the end");
     }
@@ -841,12 +643,13 @@ mod tests {
     fn encode_get_of_mixed_families_is_ipv6_and_mapped() {
         let b = encode_get(1, tuple("10.0.0.1:40000", "[fd00::1]:80"));
         assert_eq!(b[16], libc::AF_INET6 as u8);
+        check_attr(&b, 28, 20, CTA_IP_V6_SRC);
         let mapped = Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped();
         assert_eq!(&b[32..48], &mapped.octets());
         check_alignment(&b[20..], 20);
     }
 
-    /// A netlink message of `ty` with `body`.
+    /// A netlink message of `ty` with `body`, written byte by byte (for malformed ones).
     fn nlmsg(ty: u16, seq: u32, body: &[u8]) -> Vec<u8> {
         let len = (NLMSG_HDRLEN + body.len()) as u32;
         let mut b = Vec::new();
@@ -856,34 +659,72 @@ mod tests {
         b.extend_from_slice(&seq.to_ne_bytes());
         b.extend_from_slice(&0u32.to_ne_bytes());
         b.extend_from_slice(body);
-        b.resize(align4(b.len()), 0);
+        b.resize(b.len().next_multiple_of(4), 0);
         b
+    }
+
+    /// `payload` as a netlink message with sequence number `seq`.
+    fn serialize(seq: u32, payload: NetlinkPayload<NetfilterMessage>) -> Vec<u8> {
+        let mut header = NetlinkHeader::default();
+        header.sequence_number = seq;
+        let mut msg = NetlinkMessage::new(header, payload);
+        msg.finalize();
+        let mut b = vec![0; msg.buffer_len()];
+        msg.serialize(&mut b);
+        b
+    }
+
+    /// An IPCTNL_MSG_CT_NEW message with these attributes.
+    fn entry(seq: u32, family: NetfilterProtoFamily, attrs: Vec<ConntrackAttribute>) -> Vec<u8> {
+        let msg = NetfilterMessage::new(
+            NetfilterHeader::new(family, NFNETLINK_V0, 0),
+            ConntrackMessage::New(attrs),
+        );
+        serialize(seq, NetlinkPayload::from(msg))
+    }
+
+    fn ct_tuple(t: Tuple, proto: Protocol) -> Vec<CtTuple> {
+        vec![
+            CtTuple::Ip(vec![
+                IPTuple::SourceAddress(t.src.ip()),
+                IPTuple::DestinationAddress(t.dst.ip()),
+            ]),
+            CtTuple::Proto(vec![
+                ProtoTuple::Protocol(proto),
+                ProtoTuple::SourcePort(t.src.port()),
+                ProtoTuple::DestinationPort(t.dst.port()),
+            ]),
+        ]
+    }
+
+    fn family_of(t: Tuple) -> NetfilterProtoFamily {
+        if t.src.is_ipv4() {
+            NetfilterProtoFamily::IPv4
+        } else {
+            NetfilterProtoFamily::IPv6
+        }
     }
 
     /// A CT_NEW answer the way the kernel writes one: orig and reply tuples among other
     /// attributes.
     fn ct_new(seq: u32, orig: Tuple, reply: Tuple) -> Vec<u8> {
-        let family = if orig.src.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
-        let mut body = vec![family as u8, NFNETLINK_V0, 0, 0];
-        nest(&mut body, CTA_TUPLE_ORIG, |b| put_tuple(b, orig, family));
-        nest(&mut body, CTA_TUPLE_REPLY, |b| put_tuple(b, reply, family));
-        // CTA_STATUS, CTA_TIMEOUT, CTA_PROTOINFO { CTA_PROTOINFO_TCP { state } }, CTA_ID
-        attr(&mut body, 3 | NLA_F_NET_BYTEORDER, &0x18eu32.to_be_bytes());
-        attr(&mut body, 7, &120u32.to_be_bytes());
-        nest(&mut body, 4, |b| nest(b, 1, |b| attr(b, 1, &[3])));
-        attr(&mut body, 12, &0x1234_5678u32.to_be_bytes());
-        nlmsg(CT_NEW, seq, &body)
+        let attrs = vec![
+            ConntrackAttribute::CtaTupleOrig(ct_tuple(orig, Protocol::Tcp)),
+            ConntrackAttribute::CtaTupleReply(ct_tuple(reply, Protocol::Tcp)),
+            ConntrackAttribute::CtaStatus(Status::from_bits_retain(0x18e)),
+            ConntrackAttribute::CtaTimeout(120),
+            ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(vec![ProtoInfoTCP::State(3)])]),
+            ConntrackAttribute::Other(DefaultNla::new(CTA_ID, 0x1234_5678u32.to_be_bytes().into())),
+        ];
+        entry(seq, family_of(orig), attrs)
     }
 
     /// NLMSG_ERROR with `error` (negative errno, or 0 for an ACK), echoing a request header.
     fn error_msg(seq: u32, error: i32) -> Vec<u8> {
-        let mut body = error.to_ne_bytes().to_vec();
-        body.extend_from_slice(&encode_get(seq, tuple("10.0.0.1:1", "10.0.0.2:2"))[..16]);
-        nlmsg(NLMSG_ERROR, seq, &body)
+        let mut err = ErrorMessage::default();
+        err.code = std::num::NonZeroI32::new(error);
+        err.header = encode_get(seq, tuple("10.0.0.1:1", "10.0.0.2:2"))[..16].to_vec();
+        serialize(seq, NetlinkPayload::Error(err))
     }
 
     fn v4_answer() -> (Vec<u8>, Tuple) {
@@ -907,6 +748,39 @@ mod tests {
             with_ack.extend(error_msg(3, 0));
             assert_eq!(decode_answer(&with_ack).unwrap(), Some(reply));
         }
+    }
+
+    /// What a 6.x kernel answered (one datagram each) to a CT_GET with sequence number 3 of
+    /// 10.244.0.2:41646 -> 10.96.0.10:80, DNATed in nat OUTPUT to 10.244.0.2:8080: the entry
+    /// (NLM_F_MULTI; CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, STATUS, MARK, ID, USE, TIMEOUT, PROTOINFO),
+    /// then the ACK (NLM_F_CAPPED: the request's header only).
+    const KERNEL_ENTRY: &str = "d40000000001020003000000406d0000020000003400018014000180080001000a\
+        f40002080002000a60000a1c000280050001000600000006000200a2ae000006000300005000003400028014\
+        000180080001000af40002080002000af400021c0002800500010006000000060002001f90000006000300a2\
+        ae000008000300000001ae080008000000000008000c00e1a29ff008000b0000000002080007000006978030\
+        0004802c0001800500010003000000050002000a000000050003000a00000006000400230000000600050023\
+        000000";
+    const KERNEL_ACK: &str =
+        "240000000200000103000000406d00000000000048000000010105000300000000000000";
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn decodes_what_the_kernel_sent() {
+        let (entry, ack) = (unhex(KERNEL_ENTRY), unhex(KERNEL_ACK));
+        assert_eq!((entry.len(), ack.len()), (212, 36));
+        let reply = tuple("10.244.0.2:8080", "10.244.0.2:41646");
+        assert_eq!(decode_answer(&entry).unwrap(), Some(reply));
+        assert!(matches!(decode_answer(&ack), Err(ConntrackError::NoEntry)));
+        let seqs: Vec<u32> = messages(&[entry, ack].concat())
+            .map(|m| m.unwrap().0)
+            .collect();
+        assert_eq!(seqs, vec![3, 3]);
     }
 
     #[test]
@@ -948,40 +822,50 @@ mod tests {
     #[test]
     fn rejects_malformed_entries() {
         let orig = tuple("10.0.0.1:1000", "10.96.0.10:80");
+        let v4 = NetfilterProtoFamily::IPv4;
         // Without a reply tuple.
-        let mut body = vec![libc::AF_INET as u8, 0, 0, 0];
-        nest(&mut body, CTA_TUPLE_ORIG, |b| {
-            put_tuple(b, orig, libc::AF_INET)
-        });
-        assert!(decode_answer(&nlmsg(CT_NEW, 1, &body)).is_err());
+        let only_orig = vec![ConntrackAttribute::CtaTupleOrig(ct_tuple(
+            orig,
+            Protocol::Tcp,
+        ))];
+        let err = decode_answer(&entry(1, v4, only_orig)).unwrap_err();
+        assert!(err.to_string().contains("CTA_TUPLE_REPLY"), "{err}");
         // A UDP reply tuple.
-        let mut body = vec![libc::AF_INET as u8, 0, 0, 0];
-        nest(&mut body, CTA_TUPLE_REPLY, |b| {
-            nest(b, CTA_TUPLE_IP, |b| {
-                attr(b, CTA_IP_V4_SRC, &[10, 0, 0, 2]);
-                attr(b, CTA_IP_V4_DST, &[10, 0, 0, 1]);
-            });
-            nest(b, CTA_TUPLE_PROTO, |b| {
-                attr(b, CTA_PROTO_NUM, &[17]);
-                attr(b, CTA_PROTO_SRC_PORT, &53u16.to_be_bytes());
-                attr(b, CTA_PROTO_DST_PORT, &1000u16.to_be_bytes());
-            });
-        });
-        let err = decode_answer(&nlmsg(CT_NEW, 1, &body)).unwrap_err();
+        let udp = vec![ConntrackAttribute::CtaTupleReply(ct_tuple(
+            orig.reversed(),
+            Protocol::Udp,
+        ))];
+        let err = decode_answer(&entry(1, v4, udp)).unwrap_err();
         assert!(err.to_string().contains("not TCP"), "{err}");
+        // A reply tuple without ports.
+        let mut portless = ct_tuple(orig.reversed(), Protocol::Tcp);
+        portless.truncate(1);
+        portless.push(CtTuple::Proto(vec![ProtoTuple::Protocol(Protocol::Tcp)]));
+        let portless = vec![ConntrackAttribute::CtaTupleReply(portless)];
+        let err = decode_answer(&entry(1, v4, portless)).unwrap_err();
+        assert!(err.to_string().contains("CTA_PROTO_SRC_PORT"), "{err}");
+        // A reply tuple that mixes families.
+        let mut mixed = ct_tuple(orig.reversed(), Protocol::Tcp);
+        mixed[0] = CtTuple::Ip(vec![
+            IPTuple::SourceAddress("10.0.0.2".parse().unwrap()),
+            IPTuple::DestinationAddress("fd00::1".parse().unwrap()),
+        ]);
+        let mixed = vec![ConntrackAttribute::CtaTupleReply(mixed)];
+        let err = decode_answer(&entry(1, v4, mixed)).unwrap_err();
+        assert!(err.to_string().contains("mixes"), "{err}");
         // An address of the wrong size.
-        let mut body = vec![libc::AF_INET as u8, 0, 0, 0];
-        nest(&mut body, CTA_TUPLE_REPLY, |b| {
-            nest(b, CTA_TUPLE_IP, |b| attr(b, CTA_IP_V4_SRC, &[10, 0, 0]));
-        });
-        assert!(decode_answer(&nlmsg(CT_NEW, 1, &body)).is_err());
+        let short = vec![ConntrackAttribute::CtaTupleReply(vec![CtTuple::Ip(vec![
+            IPTuple::Other(DefaultNla::new(CTA_IP_V4_SRC, vec![10, 0, 0])),
+        ])])];
+        assert!(decode_answer(&entry(1, v4, short)).is_err());
         // A zero-length attribute must not loop forever.
         let body = [libc::AF_INET as u8, 0, 0, 0, 0, 0, 2, 0];
         assert!(decode_answer(&nlmsg(CT_NEW, 1, &body)).is_err());
         // A zero-length message must not loop forever either.
         assert!(decode_answer(&[0; 16]).is_err());
-        // Unknown message types and overruns.
+        // Other message types (CT_DELETE, another subsystem's) and overruns.
         assert!(decode_answer(&nlmsg(0x0102, 1, &[0; 4])).is_err());
+        assert!(decode_answer(&nlmsg(0x0a00, 1, &[0; 4])).is_err());
         assert!(decode_answer(&nlmsg(NLMSG_OVERRUN, 1, &[])).is_err());
         // The request itself is not an answer.
         assert!(decode_answer(&encode_get(1, orig)).is_err());
@@ -989,7 +873,7 @@ mod tests {
 
     #[test]
     fn every_truncation_is_an_error() {
-        for (answer, _) in [v4_answer(), v6_answer()] {
+        for answer in [v4_answer().0, v6_answer().0, unhex(KERNEL_ENTRY)] {
             for len in 0..answer.len() {
                 assert!(
                     decode_answer(&answer[..len]).is_err(),
@@ -1029,7 +913,8 @@ mod tests {
         let mut with_ack = v6.clone();
         with_ack.extend(error_msg(3, 0));
         // Every byte of valid answers set to interesting values.
-        for answer in [&v4, &v6, &with_ack, &error_msg(3, -libc::ENOENT)] {
+        let kernel = unhex(KERNEL_ENTRY);
+        for answer in [&v4, &v6, &with_ack, &error_msg(3, -libc::ENOENT), &kernel] {
             for i in 0..answer.len() {
                 for v in [0x00, 0x01, 0x03, 0x04, 0x05, 0x7f, 0x80, 0xfe, 0xff] {
                     let mut b = answer.clone();
@@ -1066,9 +951,9 @@ mod tests {
     #[test]
     fn messages_carry_their_sequence_numbers() {
         let (mut b, _) = v4_answer();
-        b.extend(error_msg(3, 0));
-        let seqs: Vec<u32> = Messages::new(&b).map(|m| m.unwrap().seq).collect();
-        assert_eq!(seqs, vec![3, 3]);
+        b.extend(error_msg(4, 0));
+        let seqs: Vec<u32> = messages(&b).map(|m| m.unwrap().0).collect();
+        assert_eq!(seqs, vec![3, 4]);
     }
 
     #[test]
