@@ -1,13 +1,13 @@
-//! What a `/metrics` scrape of the balance metrics costs as the series grow to the cap: the time
-//! the analyzer stays locked (the snapshot: totals and verdicts of every client/service pair),
-//! the whole encode, and the text's size. Prints a Markdown table; `cargo xtask bench` puts it
-//! in BENCHMARKS.md.
+//! What the balance metrics cost as the series grow to the cap: the snapshot the pipeline builds
+//! once per tick (totals and verdicts of every client/service pair), a scrape's encode of the
+//! published snapshot (which never waits for the pipeline), and the text's size. Prints a
+//! Markdown table; `cargo xtask bench` puts it in BENCHMARKS.md.
 //!
 //! Each pair is one client pod calling one service of 3 ready backends over one reused
 //! connection per backend, sampled every second for a 30 s window, as round_robin does.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,7 +16,7 @@ use fanout::{
         AnalysisConfig, Analyzer, BACKEND_SERIES, ConnId, ConnOpen, Counters, KEY_SERIES,
         RequestSource,
     },
-    exposition::metrics::Metrics,
+    exposition::{balance::BalanceSnapshot, metrics::Metrics},
     identity::model::ObjectRef,
 };
 
@@ -81,7 +81,7 @@ fn main() {
     let sizes = [10, 100, cap / per_pair / 2, cap / per_pair];
     let runs = 9;
     println!(
-        "| client/service pairs | series | analyzer locked (median) | whole scrape (median) | \
+        "| client/service pairs | series | pipeline snapshot per tick (median) | scrape (median) | \
          scrape ratio to {} pairs | text |",
         sizes[0]
     );
@@ -90,17 +90,15 @@ fn main() {
     for pairs in sizes {
         let a = analyzer(pairs);
         let series = a.stats().series;
-        let a = Arc::new(Mutex::new(a));
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(BalanceSnapshot::default()));
         let mut m = Metrics::new();
-        m.register_balance(a.clone(), now);
+        m.register_balance(rx);
         let (mut locked, mut whole, mut bytes) = (Vec::new(), Vec::new(), 0);
         for _ in 0..runs {
             let t = Instant::now();
-            {
-                let a = a.lock().expect("lock");
-                std::hint::black_box((a.totals(), a.evaluate(now())));
-            }
+            let snapshot = BalanceSnapshot::of(&a, now());
             locked.push(t.elapsed());
+            tx.send_replace(Arc::new(snapshot));
             let t = Instant::now();
             let text = m.encode().expect("encode");
             whole.push(t.elapsed());

@@ -10,12 +10,12 @@
 //! - The state is small and written a handful of times (at startup), so one mutex guards it and
 //!   nothing else is locked while it is held.
 
-use std::sync::Mutex;
+use std::{borrow::Cow, sync::Mutex};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The features that can fall back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Feature {
     /// gRPC requests counted from HTTP/2 frames by the cgroup_skb scanner on the host cgroup2 root.
@@ -76,7 +76,7 @@ impl Feature {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Unknown,
@@ -85,16 +85,19 @@ pub enum State {
     Unused,
 }
 
-/// One feature's status, as `/features` serves it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// One feature's status, as `/features` serves it (`exposition::api::FeaturesView`). Decoding
+/// requires every field, the `Option`s included.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub feature: Feature,
     pub state: State,
     /// How it works (on) or why it does not (off, unused).
     pub detail: String,
-    /// What is lost while it is off.
-    pub loss: Option<&'static str>,
+    /// What is lost while it is off ([`Feature::loss`]; owned when decoded from the API).
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub loss: Option<Cow<'static, str>>,
     /// How to turn it on.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub fix: Option<String>,
 }
 
@@ -173,7 +176,7 @@ impl Features {
             feature,
             state: State::Off,
             detail: reason,
-            loss: Some(feature.loss()),
+            loss: Some(Cow::Borrowed(feature.loss())),
             fix: Some(fix),
         });
     }

@@ -3,9 +3,10 @@
 //!
 //! Data path, one module per stage:
 //! [`probe`] (eBPF programs, kernel layouts) → [`event`] (ring buffer records) →
-//! [`conntable`] (live connections, startup recovery) → [`identity`] (pods, services,
-//! conntrack) → [`exposition`] (metrics, HTTP API).
-//! [`agent`] wires the stages together; [`cli`] is the command line.
+//! [`conntable`] (live connections, recovery, reconciliation) → [`identity`] (pods, services,
+//! conntrack) → [`analysis`] (balance, verdicts) → [`pipeline`] (the one owner of that state,
+//! fed by messages) → [`exposition`] (metrics, HTTP API).
+//! [`agent`] starts and stops the tasks; [`cli`] is the command line.
 
 pub mod agent;
 pub mod analysis;
@@ -15,5 +16,6 @@ pub mod event;
 pub mod exposition;
 pub mod features;
 pub mod identity;
+pub mod pipeline;
 pub mod probe;
 pub mod verify;

@@ -19,14 +19,18 @@
 //!   seen during the window), and a client whose connections are rotated (MaxConnectionAge) within
 //!   the window: pick a window shorter than the rotation age. The agent's own `ports_stable` /
 //!   `ports_reused` over its window are quoted in the detail.
-//! * **distribution**: the agent's verdict is `round_robin` and the skew (top backend share / fair
-//!   share, over the agent's window ending at the second GET) is at most 1.5. The verdicts
-//!   `pick_first`, `dial_per_request` and `stale_resolver` fail it, and so does `insufficient_data`
-//!   (too few requests, too short an observation, fewer than 2 ready backends, backends not
-//!   resolved): a gate must not pass on no evidence.
+//! * **distribution**: the agent's verdict is [`Verdict::RoundRobin`] and the skew (top backend
+//!   share / fair share, over the agent's window ending at the second GET) is at most 1.5. The
+//!   verdicts `pick_first`, `dial_per_request` and `stale_resolver` fail it, and so does
+//!   `insufficient_data` (too few requests, too short an observation, fewer than 2 ready backends,
+//!   backends not resolved): a gate must not pass on no evidence.
 //!
 //! A client balances when all three pass. The figures other than the ports are the agent's sliding
 //! window (`fanout run --window`, 30 s by default) as it stands at the end of the verify window.
+//!
+//! The answer is decoded into the agent's own types ([`ServiceBalanceView`] of
+//! [`crate::analysis::Balance`]), which require every field: an answer with a missing or renamed
+//! field, or a verdict this build does not know, is an error (exit 2), never a figure read as 0.
 //!
 //! Exit codes: 0 every client balances; 1 at least one does not, or there is nothing to judge: no
 //! client of the service seen at all ("no client traffic to NS/NAME seen"), or the `--client` pod not
@@ -36,18 +40,28 @@
 //! unreachable, a non-200 answer (an unknown service is 404), or an answer that is not the
 //! expected JSON. Every request is bounded by [`REQUEST_TIMEOUT`].
 //!
-//! The HTTP client is a minimal HTTP/1.1 GET over a [`TcpStream`] (`Connection: close`, bodies
-//! delimited by `Content-Length`, chunked transfer encoding, or the end of the connection).
+//! The HTTP client is hyper-util's legacy client over its `HttpConnector`: HTTP/1.1 (framing,
+//! chunked bodies, interim answers are hyper's), one connection per request and no pool (the
+//! agent sheds idle connections, and the window between the two GETs can outlast its idle
+//! timeout), the body collected by http-body-util's `Limited` up to [`MAX_RESPONSE_BYTES`], the
+//! whole exchange under [`REQUEST_TIMEOUT`]. What stays ours is `--endpoint` parsing
+//! ([`parse_endpoint`]): `http::Uri` accepts what the gate must refuse (a path, user information,
+//! `https`, no port) and its errors do not say which part is wrong; every endpoint accepted is
+//! also a valid `Uri`.
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
-use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+use http_body_util::{BodyExt as _, Empty, LengthLimitError, Limited};
+use hyper::{Request, Uri, body::Bytes, header};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
 };
+use serde::Serialize;
 
-use crate::analysis::Thresholds;
+use crate::analysis::{BackendBalance, Balance, Thresholds, Verdict};
+use crate::exposition::api::{ApiError, ServiceBalanceView};
+use crate::identity::model::ObjectRef;
 
 /// Every client balances.
 pub const EXIT_BALANCED: i32 = 0;
@@ -58,10 +72,8 @@ pub const EXIT_ERROR: i32 = 2;
 
 /// Bound on each request to the agent: connect, send, and read the whole answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest answer accepted.
-const MAX_RESPONSE_BYTES: usize = 64 << 20;
-/// The largest header block accepted.
-const MAX_HEADER_BYTES: usize = 64 << 10;
+/// The largest answer body accepted.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 /// Ports and backends listed in a detail before "… N more".
 const LIST_MAX: usize = 8;
 
@@ -94,9 +106,9 @@ async fn verify(args: &crate::cli::VerifyArgs) -> Result<i32, String> {
         secs(args.window.as_secs_f64()),
         endpoint.url
     );
-    let start = fetch_snapshot(&endpoint, &path).await?;
+    let start = fetch_balance(&endpoint, &path).await?;
     tokio::time::sleep(args.window).await;
-    let end = fetch_snapshot(&endpoint, &path).await?;
+    let end = fetch_balance(&endpoint, &path).await?;
 
     let report = evaluate(&service, client.as_ref(), args.window, &start, &end);
     if args.json {
@@ -109,7 +121,7 @@ async fn verify(args: &crate::cli::VerifyArgs) -> Result<i32, String> {
     Ok(exit_code(&report))
 }
 
-async fn fetch_snapshot(endpoint: &Endpoint, path: &str) -> Result<Snapshot, String> {
+async fn fetch_balance(endpoint: &Endpoint, path: &str) -> Result<ServiceBalanceView, String> {
     let url = format!("{}{path}", endpoint.url);
     let resp = http_get(endpoint, path, REQUEST_TIMEOUT)
         .await
@@ -123,7 +135,16 @@ async fn fetch_snapshot(endpoint: &Endpoint, path: &str) -> Result<Snapshot, Str
             error_text(&resp.body)
         ));
     }
-    serde_json::from_slice(&resp.body).map_err(|e| {
+    decode_balance(endpoint, &url, &resp.body)
+}
+
+/// The balance answer of `url`, every field required.
+fn decode_balance(
+    endpoint: &Endpoint,
+    url: &str,
+    body: &[u8],
+) -> Result<ServiceBalanceView, String> {
+    serde_json::from_slice(body).map_err(|e| {
         format!(
             "the agent at {} answered {url} with unexpected JSON: {e}",
             endpoint.url
@@ -133,10 +154,6 @@ async fn fetch_snapshot(endpoint: &Endpoint, path: &str) -> Result<Snapshot, Str
 
 /// The `error` of a JSON error body, else the start of the body as text.
 fn error_text(body: &[u8]) -> String {
-    #[derive(Deserialize)]
-    struct ApiError {
-        error: String,
-    }
     if let Ok(e) = serde_json::from_slice::<ApiError>(body) {
         return e.error;
     }
@@ -151,19 +168,6 @@ fn error_text(body: &[u8]) -> String {
 // ---------------------------------------------------------------------------------------------
 // Arguments
 
-/// A namespaced Kubernetes object, `NAMESPACE/NAME`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
-pub struct Name {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl fmt::Display for Name {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
 /// A Kubernetes namespace or object name: DNS-1123 characters, at most 253.
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
@@ -173,7 +177,7 @@ fn valid_name(s: &str) -> bool {
 }
 
 /// Parses `NAMESPACE/NAME`; `flag` names the option in the error.
-pub fn parse_name(flag: &str, s: &str) -> Result<Name, String> {
+pub fn parse_name(flag: &str, s: &str) -> Result<ObjectRef, String> {
     let usage =
         |why: &str| format!("{flag} {s:?} {why}: expected NAMESPACE/NAME, for example shop/api");
     let Some((namespace, name)) = s.split_once('/') else {
@@ -192,19 +196,16 @@ pub fn parse_name(flag: &str, s: &str) -> Result<Name, String> {
             )));
         }
     }
-    Ok(Name {
-        namespace: namespace.into(),
-        name: name.into(),
-    })
+    Ok(ObjectRef::new(namespace, name))
 }
 
 /// The agent's address, `http://HOST:PORT[/]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    /// The host to connect to, without the brackets of an IPv6 literal.
+    /// The host, without the brackets of an IPv6 literal.
     pub host: String,
     pub port: u16,
-    /// `HOST:PORT` as given (the Host header).
+    /// `HOST:PORT` as given.
     pub authority: String,
     /// `http://HOST:PORT`, without a trailing slash.
     pub url: String,
@@ -258,32 +259,46 @@ pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
         Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => p,
         _ => return Err(usage(&format!("has an invalid port {port:?}"))),
     };
+    let url = format!("http://{authority}");
+    if let Err(e) = format!("{url}/").parse::<Uri>() {
+        return Err(usage(&format!("is not a valid URI ({e})")));
+    }
     Ok(Endpoint {
         host: host.into(),
         port,
         authority: authority.into(),
-        url: format!("http://{authority}"),
+        url,
     })
 }
 
 // ---------------------------------------------------------------------------------------------
-// HTTP/1.1 GET
+// HTTP GET (hyper-util's client)
 
 /// An HTTP answer, its body decoded from the transfer encoding.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpResponse {
     pub status: u16,
+    /// The reason phrase the agent sent (the canonical one for the status when it sent that).
     pub reason: String,
     pub body: Vec<u8>,
 }
 
-/// `GET path` with `Connection: close`, the whole exchange bounded by `timeout`.
+/// `GET path`, the whole exchange bounded by `timeout` and the body by [`MAX_RESPONSE_BYTES`].
 pub async fn http_get(
     endpoint: &Endpoint,
     path: &str,
     timeout: Duration,
 ) -> Result<HttpResponse, String> {
-    match tokio::time::timeout(timeout, get(endpoint, path)).await {
+    get_within(endpoint, path, timeout, MAX_RESPONSE_BYTES).await
+}
+
+async fn get_within(
+    endpoint: &Endpoint,
+    path: &str,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<HttpResponse, String> {
+    match tokio::time::timeout(timeout, get(endpoint, path, max_body)).await {
         Ok(r) => r,
         Err(_) => Err(format!(
             "no complete answer within {}",
@@ -292,266 +307,71 @@ pub async fn http_get(
     }
 }
 
-async fn get(endpoint: &Endpoint, path: &str) -> Result<HttpResponse, String> {
-    let mut stream = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+async fn get(endpoint: &Endpoint, path: &str, max_body: usize) -> Result<HttpResponse, String> {
+    let uri: Uri = format!("{}{path}", endpoint.url)
+        .parse()
+        .map_err(|e| format!("invalid request path {path:?}: {e}"))?;
+    let request = Request::get(uri)
+        .header(header::ACCEPT, "application/json")
+        .header(header::USER_AGENT, "fanout-verify")
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("building the request: {e}"))?;
+    // Host is set by the client from the URI.
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(HttpConnector::new());
+    let resp = client.request(request).await.map_err(|e| {
+        let what = if e.is_connect() {
+            "connecting"
+        } else {
+            "no answer"
+        };
+        format!("{what}: {}", causes(&e))
+    })?;
+    let status = resp.status();
+    let reason = resp
+        .extensions()
+        .get::<hyper::ext::ReasonPhrase>()
+        .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned())
+        .or_else(|| status.canonical_reason().map(str::to_string))
+        .unwrap_or_default();
+    let body = Limited::new(resp.into_body(), max_body)
+        .collect()
         .await
-        .map_err(|e| format!("connecting: {e}"))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: fanout-verify\r\n\
-         Connection: close\r\n\r\n",
-        endpoint.authority
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("sending the request: {e}"))?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?;
-        let eof = n == 0;
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(resp) = parse_response(&buf, eof)? {
-            return Ok(resp);
-        }
-        if eof {
-            // parse_response never asks for more once the connection has ended.
-            return Err("the connection closed before the answer was complete".into());
-        }
-        if buf.len() > MAX_RESPONSE_BYTES + MAX_HEADER_BYTES {
-            return Err(format!(
-                "the answer is larger than {MAX_RESPONSE_BYTES} bytes"
-            ));
-        }
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Parses a response from the bytes read so far. `Ok(None)`: more bytes are needed (never when
-/// `eof`: a response cut short by the end of the connection is an error). Interim 1xx responses
-/// are skipped.
-pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<HttpResponse>, String> {
-    let mut buf = buf;
-    loop {
-        let Some(head_len) = find(buf, b"\r\n\r\n") else {
-            if buf.len() > MAX_HEADER_BYTES {
-                return Err(format!(
-                    "the header is larger than {MAX_HEADER_BYTES} bytes"
-                ));
-            }
-            return if eof {
-                Err(if buf.is_empty() {
-                    "the connection closed without an answer".into()
-                } else {
-                    "the connection closed in the middle of the header".into()
-                })
+        .map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                format!("the answer is larger than {max_body} bytes")
             } else {
-                Ok(None)
-            };
-        };
-        let head = std::str::from_utf8(&buf[..head_len])
-            .map_err(|_| "the header is not valid UTF-8".to_string())?;
-        let rest = &buf[head_len + 4..];
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or_default();
-        let (status, reason) = parse_status_line(status_line)?;
-        let mut content_length: Option<usize> = None;
-        let mut chunked = false;
-        for line in lines {
-            let Some((name, value)) = line.split_once(':') else {
-                return Err(format!("malformed header line {line:?}"));
-            };
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                let n = value
-                    .parse::<usize>()
-                    .map_err(|_| format!("invalid Content-Length {value:?}"))?;
-                if content_length.is_some_and(|c| c != n) {
-                    return Err("conflicting Content-Length headers".into());
-                }
-                content_length = Some(n);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                let last = value.rsplit(',').next().unwrap_or_default().trim();
-                if last.eq_ignore_ascii_case("chunked") {
-                    chunked = true;
-                } else {
-                    return Err(format!("unsupported Transfer-Encoding {value:?}"));
-                }
+                format!("reading the answer: {}", causes(&*e))
             }
+        })?
+        .to_bytes();
+    Ok(HttpResponse {
+        status: status.as_u16(),
+        reason,
+        body: body.to_vec(),
+    })
+}
+
+/// The innermost useful words of an error chain: its causes, outermost first, without the
+/// generic wrappers' repetition ("client error (Connect): tcp connect error: Connection refused"
+/// reads "tcp connect error: Connection refused").
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !parts.last().is_some_and(|p| p.ends_with(&text)) {
+            parts.push(text);
         }
-        if (100..200).contains(&status) {
-            buf = rest;
-            continue;
-        }
-        let done = |body: Vec<u8>| {
-            Ok(Some(HttpResponse {
-                status,
-                reason: reason.clone(),
-                body,
-            }))
-        };
-        if status == 204 || status == 304 {
-            return done(Vec::new());
-        }
-        if chunked {
-            return match decode_chunked(rest)? {
-                Some(body) => done(body),
-                None if eof => Err("the connection closed in the middle of a chunked body".into()),
-                None => Ok(None),
-            };
-        }
-        if let Some(len) = content_length {
-            if len > MAX_RESPONSE_BYTES {
-                return Err(format!(
-                    "the answer is larger than {MAX_RESPONSE_BYTES} bytes"
-                ));
-            }
-            return if rest.len() >= len {
-                done(rest[..len].to_vec())
-            } else if eof {
-                Err(format!(
-                    "the connection closed after {} of {len} body bytes",
-                    rest.len()
-                ))
-            } else {
-                Ok(None)
-            };
-        }
-        // No length: the body runs to the end of the connection.
-        return if eof { done(rest.to_vec()) } else { Ok(None) };
+        next = cause.source();
     }
-}
-
-fn parse_status_line(line: &str) -> Result<(u16, String), String> {
-    let bad = || format!("malformed status line {line:?}");
-    let mut parts = line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(bad());
+    if parts.is_empty() {
+        e.to_string()
+    } else {
+        parts.join(": ")
     }
-    let code = parts.next().ok_or_else(bad)?;
-    if code.len() != 3 {
-        return Err(bad());
-    }
-    let status = code.parse::<u16>().map_err(|_| bad())?;
-    let reason = parts.next().unwrap_or_default().trim().to_string();
-    Ok((status, reason))
-}
-
-/// Decodes a chunked body. `Ok(None)` when incomplete; trailers are read and dropped.
-pub fn decode_chunked(mut buf: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let mut body = Vec::new();
-    loop {
-        let Some(eol) = find(buf, b"\r\n") else {
-            return if buf.len() > 1024 {
-                Err("chunk size line too long".into())
-            } else {
-                Ok(None)
-            };
-        };
-        let line = std::str::from_utf8(&buf[..eol])
-            .map_err(|_| "chunk size line is not valid UTF-8".to_string())?;
-        let size_text = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("invalid chunk size {size_text:?}"))?;
-        buf = &buf[eol + 2..];
-        if size == 0 {
-            // Trailer fields, then an empty line.
-            loop {
-                let Some(eol) = find(buf, b"\r\n") else {
-                    return Ok(None);
-                };
-                if eol == 0 {
-                    return Ok(Some(body));
-                }
-                buf = &buf[eol + 2..];
-            }
-        }
-        if body.len().saturating_add(size) > MAX_RESPONSE_BYTES {
-            return Err(format!(
-                "the answer is larger than {MAX_RESPONSE_BYTES} bytes"
-            ));
-        }
-        let Some(data) = buf.get(..size) else {
-            return Ok(None);
-        };
-        match buf.get(size..size + 2) {
-            None => return Ok(None),
-            Some(b"\r\n") => {}
-            Some(_) => return Err("a chunk does not end with CRLF".into()),
-        }
-        body.extend_from_slice(data);
-        buf = &buf[size + 2..];
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The agent's answer (the fields of `analysis::Balance` that verify reads)
-
-/// `GET /services/{ns}/{name}/balance`.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct Snapshot {
-    #[serde(default)]
-    pub clients: Vec<ClientBalance>,
-}
-
-/// One client's [`crate::analysis::Balance`], as the agent serves it.
-#[derive(Clone, Debug, Deserialize)]
-pub struct ClientBalance {
-    pub client: Name,
-    #[serde(default)]
-    pub window_seconds: f64,
-    #[serde(default)]
-    pub ready: usize,
-    #[serde(default)]
-    pub connected: usize,
-    #[serde(default)]
-    pub connected_ready: usize,
-    #[serde(default)]
-    pub coverage: Option<f64>,
-    #[serde(default)]
-    pub requests: u64,
-    #[serde(default)]
-    pub requests_unattributed: u64,
-    #[serde(default)]
-    pub requests_per_backend: BTreeMap<String, u64>,
-    #[serde(default)]
-    pub skew: Option<f64>,
-    #[serde(default)]
-    pub opens: u64,
-    #[serde(default)]
-    pub opens_per_request: Option<f64>,
-    #[serde(default)]
-    pub local_ports_end: Vec<u16>,
-    #[serde(default)]
-    pub ports_stable: bool,
-    #[serde(default)]
-    pub ports_reused: Option<f64>,
-    #[serde(default)]
-    pub ports_truncated: bool,
-    #[serde(default)]
-    pub backends: Vec<BackendFigures>,
-    pub verdict: String,
-    #[serde(default)]
-    pub reason: String,
-}
-
-/// One backend of a [`ClientBalance`].
-#[derive(Clone, Debug, Deserialize)]
-pub struct BackendFigures {
-    pub name: String,
-    #[serde(default)]
-    pub ready: bool,
-    #[serde(default)]
-    pub connected: bool,
-    #[serde(default)]
-    pub unconnected_seconds: Option<f64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -622,7 +442,7 @@ pub struct Figures {
 pub struct ClientResult {
     pub client: String,
     pub checks: Checks,
-    pub verdict: String,
+    pub verdict: Verdict,
     pub reason: String,
     pub pass: bool,
     pub figures: Figures,
@@ -662,13 +482,13 @@ pub struct Report {
 
 /// Judges the clients of `end` (only `client` if given) against `start`.
 pub fn evaluate(
-    service: &Name,
-    client: Option<&Name>,
+    service: &ObjectRef,
+    client: Option<&ObjectRef>,
     window: Duration,
-    start: &Snapshot,
-    end: &Snapshot,
+    start: &ServiceBalanceView,
+    end: &ServiceBalanceView,
 ) -> Report {
-    let wanted = |c: &&ClientBalance| client.is_none_or(|w| &c.client == w);
+    let wanted = |c: &&Balance| client.is_none_or(|w| &c.client == w);
     let mut clients: Vec<ClientResult> = end
         .clients
         .iter()
@@ -706,13 +526,13 @@ pub fn exit_code(report: &Report) -> i32 {
 }
 
 /// Judges one client from its first answer (None: not seen then) and its last.
-pub fn judge(start: Option<&ClientBalance>, end: &ClientBalance) -> ClientResult {
+pub fn judge(start: Option<&Balance>, end: &Balance) -> ClientResult {
     let ports_start = start.map(|s| s.local_ports_end.clone()).unwrap_or_default();
     let ports_kept = ports_start
         .iter()
         .filter(|p| end.local_ports_end.contains(p))
         .count();
-    let not_connected: Vec<&BackendFigures> = end
+    let not_connected: Vec<&BackendBalance> = end
         .backends
         .iter()
         .filter(|b| b.ready && !b.connected)
@@ -725,7 +545,7 @@ pub fn judge(start: Option<&ClientBalance>, end: &ClientBalance) -> ClientResult
     let pass = checks.coverage.pass && checks.reuse.pass && checks.distribution.pass;
     ClientResult {
         client: end.client.to_string(),
-        verdict: end.verdict.clone(),
+        verdict: end.verdict,
         reason: end.reason.clone(),
         pass,
         figures: Figures {
@@ -747,7 +567,7 @@ pub fn judge(start: Option<&ClientBalance>, end: &ClientBalance) -> ClientResult
     }
 }
 
-fn coverage_check(end: &ClientBalance, not_connected: &[&BackendFigures]) -> Check {
+fn coverage_check(end: &Balance, not_connected: &[&BackendBalance]) -> Check {
     if end.ready == 0 {
         return Check::fail(format!(
             "no ready backends are known for the service ({} connected)",
@@ -782,12 +602,7 @@ fn coverage_check(end: &ClientBalance, not_connected: &[&BackendFigures]) -> Che
     ))
 }
 
-fn reuse_check(
-    start: Option<&ClientBalance>,
-    end: &ClientBalance,
-    ports_start: &[u16],
-    kept: usize,
-) -> Check {
+fn reuse_check(start: Option<&Balance>, end: &Balance, ports_start: &[u16], kept: usize) -> Check {
     let opr_limit = max_opens_per_request();
     let agent = {
         let mut s = match (end.ports_stable, end.ports_reused) {
@@ -849,7 +664,7 @@ fn reuse_check(
     ))
 }
 
-fn distribution_check(end: &ClientBalance) -> Check {
+fn distribution_check(end: &Balance) -> Check {
     let limit = max_skew();
     let per_backend: Vec<String> = end
         .requests_per_backend
@@ -866,18 +681,17 @@ fn distribution_check(end: &ClientBalance) -> Check {
             list(&per_backend)
         }
     );
-    match end.verdict.as_str() {
-        "insufficient_data" => {
+    match end.verdict {
+        Verdict::InsufficientData => {
             return Check::fail(format!(
                 "insufficient data: too little evidence to prove balance, and a gate does not \
                  pass without it ({figures})"
             ));
         }
-        v @ ("pick_first" | "dial_per_request" | "stale_resolver") => {
+        v @ (Verdict::PickFirst | Verdict::DialPerRequest | Verdict::StaleResolver) => {
             return Check::fail(format!("verdict {v}; {figures}"));
         }
-        "round_robin" => {}
-        other => return Check::fail(format!("unknown verdict {other:?}; {figures}")),
+        Verdict::RoundRobin => {}
     }
     match end.skew {
         None => Check::fail(format!("no request with a known backend; {figures}")),
@@ -930,7 +744,7 @@ pub fn render(report: &Report) -> String {
                 } else {
                     format!("{}/{}", f.ports_kept, f.ports_start.len())
                 },
-                c.verdict.clone(),
+                c.verdict.to_string(),
                 if c.pass { "PASS" } else { "FAIL" }.into(),
             ]
         })
@@ -1009,10 +823,14 @@ fn ports_list(ports: &[u16]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use serde_json::{Value, json};
+    use std::borrow::Cow;
 
-    fn name(s: &str) -> Name {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::analysis::{LIFETIME_BOUNDS_SECONDS, LifetimeHistogram, RequestSource};
+
+    fn name(s: &str) -> ObjectRef {
         parse_name("--service", s).expect("valid name")
     }
 
@@ -1020,10 +838,7 @@ mod tests {
     fn names_are_namespace_slash_name() {
         assert_eq!(
             parse_name("--service", "shop/api"),
-            Ok(Name {
-                namespace: "shop".into(),
-                name: "api".into()
-            })
+            Ok(ObjectRef::new("shop", "api"))
         );
         for bad in [
             "shop",
@@ -1081,64 +896,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn responses_with_content_length() {
-        let raw =
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4\r\n\r\n{}\r\n";
-        let r = parse_response(raw, false).expect("ok").expect("complete");
-        assert_eq!((r.status, r.reason.as_str()), (200, "OK"));
-        assert_eq!(r.body, b"{}\r\n");
-        // Every prefix is incomplete, not an error, until the connection ends.
-        for n in 0..raw.len() {
-            assert_eq!(parse_response(&raw[..n], false), Ok(None), "prefix {n}");
-            assert!(
-                parse_response(&raw[..n], true).is_err(),
-                "prefix {n} at eof"
-            );
-        }
-        let raw = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc";
-        assert!(parse_response(raw, true).is_err(), "conflicting lengths");
-    }
-
-    #[test]
-    fn responses_chunked_and_to_eof() {
-        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
-                    4;ext=1\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\nx-trailer: y\r\n\r\n";
-        let r = parse_response(raw, false).expect("ok").expect("complete");
-        assert_eq!(r.body, b"{\"a\":1}");
-        for n in 0..raw.len() {
-            assert_eq!(parse_response(&raw[..n], false), Ok(None), "prefix {n}");
-            assert!(
-                parse_response(&raw[..n], true).is_err(),
-                "prefix {n} at eof"
-            );
-        }
-        let bad = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
-        assert!(parse_response(bad, false).is_err());
-        let bad = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcd\r\n";
-        assert!(
-            parse_response(bad, false).is_err(),
-            "chunk longer than its size"
-        );
-        let bad = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n";
-        assert!(parse_response(bad, true).is_err());
-
-        let raw = b"HTTP/1.0 200 OK\r\n\r\nuntil the end";
-        assert_eq!(parse_response(raw, false), Ok(None));
-        let r = parse_response(raw, true).expect("ok").expect("complete");
-        assert_eq!(r.body, b"until the end");
-
-        let raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n";
-        let r = parse_response(raw, false).expect("ok").expect("complete");
-        assert_eq!((r.status, r.body.len()), (204, 0));
-
-        for bad in [&b"SSH-2.0-OpenSSH\r\n\r\n"[..], b"HTTP/1.1 2000 OK\r\n\r\n"] {
-            assert!(parse_response(bad, true).is_err());
-        }
-        assert!(parse_response(b"", true).is_err());
-    }
-
-    /// Serves `answer` (written in pieces) to one connection on 127.0.0.1.
+    /// Serves one connection on 127.0.0.1: reads the request head, writes `pieces` a few ms
+    /// apart, then closes.
     async fn one_shot_server(pieces: Vec<Vec<u8>>) -> Endpoint {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -1146,8 +905,14 @@ mod tests {
         let port = listener.local_addr().expect("addr").port();
         tokio::spawn(async move {
             if let Ok((mut s, _)) = listener.accept().await {
-                let mut req = vec![0u8; 4096];
-                let _ = s.read(&mut req).await;
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
                 for p in pieces {
                     let _ = s.write_all(&p).await;
                     let _ = s.flush().await;
@@ -1158,27 +923,121 @@ mod tests {
         parse_endpoint(&format!("http://127.0.0.1:{port}")).expect("endpoint")
     }
 
-    #[tokio::test]
-    async fn get_over_a_socket() {
-        let ep = one_shot_server(vec![
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nab".to_vec(),
-            b"c\r\n".to_vec(),
-            b"0\r\n\r\n".to_vec(),
-        ])
-        .await;
-        let r = http_get(&ep, "/x", Duration::from_secs(5))
-            .await
-            .expect("get");
-        assert_eq!((r.status, r.body.as_slice()), (200, &b"abc"[..]));
+    async fn answer(pieces: &[&[u8]], max_body: usize) -> Result<HttpResponse, String> {
+        let ep = one_shot_server(pieces.iter().map(|p| p.to_vec()).collect()).await;
+        get_within(&ep, "/x", Duration::from_secs(5), max_body).await
+    }
 
-        let ep = one_shot_server(vec![
-            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".to_vec(),
-        ])
-        .await;
-        let err = http_get(&ep, "/x", Duration::from_secs(5))
+    #[tokio::test]
+    async fn bodies_by_length_chunked_and_to_the_end() {
+        let r = answer(
+            &[b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4\r\n\r\n{}\r\n"],
+            1024,
+        )
+        .await
+        .expect("content-length");
+        assert_eq!((r.status, r.reason.as_str()), (200, "OK"));
+        assert_eq!(r.body, b"{}\r\n");
+
+        // Chunks split across writes, a chunk extension, a trailer.
+        let r = answer(
+            &[
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4;ext=1\r\n{\"a",
+                b"\"\r\n3\r\n:1}\r\n",
+                b"0\r\nx-trailer: y\r\n\r\n",
+            ],
+            1024,
+        )
+        .await
+        .expect("chunked");
+        assert_eq!(r.body, b"{\"a\":1}");
+
+        let r = answer(&[b"HTTP/1.0 200 OK\r\n\r\nuntil the ", b"end"], 1024)
+            .await
+            .expect("to the end of the connection");
+        assert_eq!(r.body, b"until the end");
+
+        let r = answer(
+            &[b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"],
+            1024,
+        )
+        .await
+        .expect("interim answer skipped");
+        assert_eq!((r.status, r.body.len()), (204, 0));
+
+        let r = answer(
+            &[b"HTTP/1.1 404 Nope\r\ncontent-type: application/json\r\ncontent-length: 37\r\n\r\n{\"error\": \"unknown service shop/x\"}\r\n"],
+            1024,
+        )
+        .await
+        .expect("404");
+        assert_eq!((r.status, r.reason.as_str()), (404, "Nope"));
+        assert_eq!(error_text(&r.body), "unknown service shop/x");
+    }
+
+    #[tokio::test]
+    async fn broken_or_oversized_answers_are_errors() {
+        let err = answer(&[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"], 1024)
             .await
             .expect_err("short body");
-        assert!(err.contains("3 of 10"), "{err}");
+        assert!(err.starts_with("reading the answer: "), "{err}");
+
+        let err = answer(
+            &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nab"],
+            1024,
+        )
+        .await
+        .expect_err("chunked body cut short");
+        assert!(err.starts_with("reading the answer: "), "{err}");
+
+        let err = answer(
+            &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"],
+            1024,
+        )
+        .await
+        .expect_err("bad chunk size");
+        assert!(err.starts_with("reading the answer: "), "{err}");
+
+        for raw in [
+            &b"SSH-2.0-OpenSSH_9.6\r\n\r\n"[..],
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"",
+        ] {
+            let err = answer(&[raw], 1024).await.expect_err("not HTTP");
+            assert!(err.starts_with("no answer: "), "{raw:?}: {err}");
+        }
+
+        let body = vec![b'x'; 64];
+        let mut by_length = b"HTTP/1.1 200 OK\r\ncontent-length: 64\r\n\r\n".to_vec();
+        by_length.extend_from_slice(&body);
+        let mut chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for c in body.chunks(10) {
+            chunked.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+            chunked.extend_from_slice(c);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\n\r\n");
+        for raw in [by_length, chunked] {
+            let err = answer(&[&raw], 16).await.expect_err("too large");
+            assert_eq!(err, "the answer is larger than 16 bytes");
+            assert_eq!(answer(&[&raw], 64).await.expect("at the limit").body, body);
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_failures_and_timeouts_are_errors() {
+        // Nothing listening: refused.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let ep = parse_endpoint(&format!("http://127.0.0.1:{port}")).expect("endpoint");
+        let err = http_get(&ep, "/x", Duration::from_secs(5))
+            .await
+            .expect_err("refused");
+        assert!(err.starts_with("connecting: "), "{err}");
+        assert!(err.contains("refused"), "{err}");
 
         // A server that accepts and never answers: the timeout bounds the request.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1194,53 +1053,139 @@ mod tests {
         let err = http_get(&ep, "/x", Duration::from_millis(200))
             .await
             .expect_err("timeout");
-        assert!(err.contains("within 200 ms"), "{err}");
+        assert_eq!(err, "no complete answer within 200 ms");
         hold.abort();
     }
 
-    fn balance(client: &str, verdict: &str, ports: &[u16]) -> Value {
-        json!({
-            "client": {"namespace": "shop", "name": client},
-            "service": {"namespace": "shop", "name": "api"},
-            "window_seconds": 30.0,
-            "ready": 3, "connected": 3, "connected_ready": 3, "coverage": 1.0,
-            "requests": 300, "requests_unattributed": 0,
-            "requests_per_backend": {"api-1": 100, "api-2": 99, "api-3": 101},
-            "skew": 1.01, "opens": 0, "opens_per_request": 0.0,
-            "local_ports_start": ports, "local_ports_end": ports,
-            "ports_stable": true, "ports_reused": 1.0, "ports_truncated": false,
-            "backends": [
-                {"name": "api-1", "ready": true, "connected": true, "unconnected_seconds": null},
-                {"name": "api-2", "ready": true, "connected": true, "unconnected_seconds": null},
-                {"name": "api-3", "ready": true, "connected": true, "unconnected_seconds": null}
-            ],
-            "verdict": verdict,
-            "reason": format!("the agent's reason for {verdict}"),
-        })
+    /// A client of shop/api over 3 ready backends, each connected with about a third of 300
+    /// requests, over connections on `ports`: what the agent reports for a round_robin client.
+    fn balance(client: &str, verdict: Verdict, ports: &[u16]) -> Balance {
+        let backend = |name: &str, requests: u64| BackendBalance {
+            backend: ObjectRef::new("shop", name),
+            name: name.into(),
+            ready: true,
+            connected: true,
+            live_connections: 1,
+            connections: 1,
+            opens: 0,
+            closes: 0,
+            requests,
+            share: Some(requests as f64 / 300.0),
+            mean_lifetime_seconds: Some(120.0),
+            unconnected_seconds: None,
+        };
+        let backends = vec![
+            backend("api-1", 100),
+            backend("api-2", 99),
+            backend("api-3", 101),
+        ];
+        Balance {
+            client: ObjectRef::new("shop", client),
+            service: ObjectRef::new("shop", "api"),
+            window_seconds: 30.0,
+            span_seconds: 30.0,
+            observed_seconds: 120.0,
+            ready: 3,
+            connected: 3,
+            connected_ready: 3,
+            coverage: Some(1.0),
+            requests: 300,
+            requests_unattributed: 0,
+            requests_per_backend: backends
+                .iter()
+                .map(|b| (b.name.clone(), b.requests))
+                .collect(),
+            skew: Some(1.01),
+            live_connections: ports.len() as u64,
+            connections: ports.len() as u64,
+            opens: 0,
+            closes: 0,
+            opens_per_sec: 0.0,
+            closes_per_sec: 0.0,
+            opens_per_request: Some(0.0),
+            mean_lifetime_seconds: Some(120.0),
+            lifetimes: LifetimeHistogram {
+                bounds_seconds: Cow::Borrowed(&LIFETIME_BOUNDS_SECONDS),
+                counts: vec![0; LIFETIME_BOUNDS_SECONDS.len() + 1],
+                count: 0,
+                sum_seconds: 0.0,
+            },
+            local_ports_start: ports.to_vec(),
+            local_ports_end: ports.to_vec(),
+            ports_stable: !ports.is_empty(),
+            ports_reused: (!ports.is_empty()).then_some(1.0),
+            ports_truncated: false,
+            source: Some(RequestSource::H2),
+            bytes_sent: 30_000,
+            bytes_received: 90_000,
+            messages_sent: 300,
+            messages_received: 300,
+            backends,
+            verdict,
+            reason: format!("the agent's reason for {verdict}"),
+        }
     }
 
-    fn snapshot(clients: &[Value]) -> Snapshot {
-        serde_json::from_value(
-            json!({"service": {"namespace": "shop", "name": "api"}, "clients": clients}),
-        )
-        .expect("snapshot")
+    fn view(clients: &[Balance]) -> ServiceBalanceView {
+        ServiceBalanceView {
+            service: ObjectRef::new("shop", "api"),
+            clients: clients.to_vec(),
+        }
     }
 
-    fn judge_one(start: &Value, end: &Value) -> ClientResult {
+    fn judge_one(start: &Balance, end: &Balance) -> ClientResult {
         let report = evaluate(
             &name("shop/api"),
             None,
             Duration::from_secs(60),
-            &snapshot(std::slice::from_ref(start)),
-            &snapshot(std::slice::from_ref(end)),
+            &view(std::slice::from_ref(start)),
+            &view(std::slice::from_ref(end)),
         );
         assert_eq!(report.clients.len(), 1);
         report.clients[0].clone()
     }
 
     #[test]
+    fn answers_decode_into_the_agents_types_or_fail() {
+        let ep = parse_endpoint("http://127.0.0.1:9990").expect("endpoint");
+        let url = "http://127.0.0.1:9990/services/shop/api/balance";
+        let good = view(&[balance("frontend", Verdict::RoundRobin, &[40001])]);
+        let json = serde_json::to_value(&good).expect("json");
+        let back = decode_balance(&ep, url, json.to_string().as_bytes()).expect("decodes");
+        assert_eq!(back, good);
+
+        // A renamed field is an error, not a 0 or a None.
+        for field in ["connected_ready", "skew", "local_ports_end"] {
+            let mut bad = json.clone();
+            let c = bad["clients"][0].as_object_mut().expect("client");
+            let v = c.remove(field).expect("field");
+            c.insert(format!("{field}_v2"), v);
+            let err = decode_balance(&ep, url, bad.to_string().as_bytes()).expect_err(field);
+            assert!(
+                err.starts_with(&format!(
+                    "the agent at http://127.0.0.1:9990 answered {url} with unexpected JSON: \
+                     missing field `{field}`"
+                )),
+                "{err}"
+            );
+        }
+        // So is a verdict this build does not know: a gate cannot judge it.
+        let mut bad = json.clone();
+        bad["clients"][0]["verdict"] = "something_new".into();
+        let err = decode_balance(&ep, url, bad.to_string().as_bytes()).expect_err("verdict");
+        assert!(err.contains("unknown variant `something_new`"), "{err}");
+        // Fields added by a newer agent are ignored.
+        let mut newer = json.clone();
+        newer["clients"][0]["p99_seconds"] = 0.25.into();
+        assert_eq!(
+            decode_balance(&ep, url, newer.to_string().as_bytes()).expect("newer agent"),
+            good
+        );
+    }
+
+    #[test]
     fn round_robin_with_stable_ports_balances() {
-        let b = balance("frontend", "round_robin", &[40001, 40002, 40003]);
+        let b = balance("frontend", Verdict::RoundRobin, &[40001, 40002, 40003]);
         let r = judge_one(&b, &b);
         assert!(r.pass, "{r:?}");
         assert!(r.checks.coverage.detail.contains("3 of 3 ready backends"));
@@ -1249,21 +1194,23 @@ mod tests {
         assert_eq!(r.figures.ports_kept, 3);
         // A new connection at the end (say to a new backend) does not undo reuse.
         let mut end = b.clone();
-        end["local_ports_end"] = json!([40001, 40002, 40003, 40004]);
+        end.local_ports_end = vec![40001, 40002, 40003, 40004];
         assert!(judge_one(&b, &end).checks.reuse.pass);
     }
 
     #[test]
     fn pick_first_fails_coverage_and_distribution() {
-        let mut b = balance("frontend", "pick_first", &[40001]);
-        b["connected"] = json!(1);
-        b["connected_ready"] = json!(1);
-        b["coverage"] = json!(1.0 / 3.0);
-        b["skew"] = json!(3.0);
-        b["requests_per_backend"] = json!({"api-1": 300, "api-2": 0, "api-3": 0});
-        b["backends"][1]["connected"] = json!(false);
-        b["backends"][1]["unconnected_seconds"] = json!(45.0);
-        b["backends"][2]["connected"] = json!(false);
+        let mut b = balance("frontend", Verdict::PickFirst, &[40001]);
+        b.connected = 1;
+        b.connected_ready = 1;
+        b.coverage = Some(1.0 / 3.0);
+        b.skew = Some(3.0);
+        b.requests_per_backend = [("api-1", 300), ("api-2", 0), ("api-3", 0)]
+            .map(|(n, r)| (n.to_string(), r))
+            .into();
+        b.backends[1].connected = false;
+        b.backends[1].unconnected_seconds = Some(45.0);
+        b.backends[2].connected = false;
         let r = judge_one(&b, &b);
         assert!(!r.pass);
         assert!(r.checks.reuse.pass, "one long-lived connection is reused");
@@ -1286,13 +1233,13 @@ mod tests {
 
     #[test]
     fn reconnecting_fails_reuse() {
-        let mut start = balance("frontend", "dial_per_request", &[50001]);
-        start["opens"] = json!(300);
-        start["opens_per_request"] = json!(1.0);
-        start["ports_stable"] = json!(false);
-        start["ports_reused"] = json!(0.0);
+        let mut start = balance("frontend", Verdict::DialPerRequest, &[50001]);
+        start.opens = 300;
+        start.opens_per_request = Some(1.0);
+        start.ports_stable = false;
+        start.ports_reused = Some(0.0);
         let mut end = start.clone();
-        end["local_ports_end"] = json!([50999]);
+        end.local_ports_end = vec![50999];
         let r = judge_one(&start, &end);
         assert!(!r.pass);
         assert!(r.checks.coverage.pass);
@@ -1322,13 +1269,13 @@ mod tests {
         );
 
         // Not seen at the start, or nothing live then: nothing proves reuse.
-        let rr = balance("frontend", "round_robin", &[40001]);
+        let rr = balance("frontend", Verdict::RoundRobin, &[40001]);
         let report = evaluate(
             &name("shop/api"),
             None,
             Duration::from_secs(60),
-            &snapshot(&[]),
-            &snapshot(std::slice::from_ref(&rr)),
+            &view(&[]),
+            &view(std::slice::from_ref(&rr)),
         );
         assert!(!report.balanced);
         assert!(
@@ -1338,7 +1285,7 @@ mod tests {
                 .detail
                 .starts_with("not seen at the start")
         );
-        let empty = balance("frontend", "round_robin", &[]);
+        let empty = balance("frontend", Verdict::RoundRobin, &[]);
         let r = judge_one(&empty, &rr);
         assert!(
             r.checks
@@ -1350,19 +1297,21 @@ mod tests {
 
     #[test]
     fn stale_resolver_names_the_unconnected_backends() {
-        let mut b = balance("frontend", "stale_resolver", &[40001, 40002]);
-        b["ready"] = json!(4);
-        b["connected"] = json!(2);
-        b["connected_ready"] = json!(2);
-        b["coverage"] = json!(0.5);
-        b["skew"] = json!(2.0);
-        b["requests_per_backend"] = json!({"api-1": 150, "api-2": 150, "api-3": 0, "api-4": 0});
-        b["backends"] = json!([
-            {"name": "api-1", "ready": true, "connected": true},
-            {"name": "api-2", "ready": true, "connected": true},
-            {"name": "api-3", "ready": true, "connected": false, "unconnected_seconds": 45.0},
-            {"name": "api-4", "ready": true, "connected": false, "unconnected_seconds": 31.5}
-        ]);
+        let mut b = balance("frontend", Verdict::StaleResolver, &[40001, 40002]);
+        b.ready = 4;
+        b.connected = 2;
+        b.connected_ready = 2;
+        b.coverage = Some(0.5);
+        b.skew = Some(2.0);
+        b.requests_per_backend = [("api-1", 150), ("api-2", 150), ("api-3", 0), ("api-4", 0)]
+            .map(|(n, r)| (n.to_string(), r))
+            .into();
+        let mut api3 = b.backends[2].clone();
+        (api3.connected, api3.unconnected_seconds) = (false, Some(45.0));
+        let mut api4 = api3.clone();
+        (api4.name, api4.unconnected_seconds) = ("api-4".into(), Some(31.5));
+        b.backends.truncate(2);
+        b.backends.extend([api3, api4]);
         let r = judge_one(&b, &b);
         assert!(!r.pass);
         assert_eq!(r.figures.not_connected, ["api-3", "api-4"]);
@@ -1380,8 +1329,8 @@ mod tests {
 
     #[test]
     fn insufficient_data_and_skew_do_not_pass() {
-        let mut b = balance("frontend", "insufficient_data", &[40001]);
-        b["requests"] = json!(3);
+        let mut b = balance("frontend", Verdict::InsufficientData, &[40001]);
+        b.requests = 3;
         let r = judge_one(&b, &b);
         assert!(!r.pass);
         assert!(
@@ -1391,30 +1340,21 @@ mod tests {
                 .starts_with("insufficient data")
         );
 
-        let mut b = balance("frontend", "round_robin", &[40001]);
-        b["skew"] = json!(1.6);
+        let mut b = balance("frontend", Verdict::RoundRobin, &[40001]);
+        b.skew = Some(1.6);
         let r = judge_one(&b, &b);
         assert!(!r.checks.distribution.pass);
         assert!(r.checks.distribution.detail.contains("skew above 1.5"));
-        b["skew"] = Value::Null;
+        b.skew = None;
         assert!(!judge_one(&b, &b).checks.distribution.pass);
-        b["skew"] = json!(1.5);
+        b.skew = Some(1.5);
         assert!(
             judge_one(&b, &b).checks.distribution.pass,
             "1.5 is the bound"
         );
-        b["verdict"] = json!("something_new");
-        assert!(
-            judge_one(&b, &b)
-                .checks
-                .distribution
-                .detail
-                .contains("unknown verdict")
-        );
-
-        let mut b = balance("frontend", "round_robin", &[40001]);
-        b["ready"] = json!(0);
-        b["coverage"] = Value::Null;
+        let mut b = balance("frontend", Verdict::RoundRobin, &[40001]);
+        b.ready = 0;
+        b.coverage = None;
         let r = judge_one(&b, &b);
         assert!(!r.checks.coverage.pass);
         assert!(r.checks.coverage.detail.starts_with("no ready backends"));
@@ -1422,9 +1362,9 @@ mod tests {
 
     #[test]
     fn reports_filter_clients_and_fail_closed_on_none() {
-        let good = balance("good", "round_robin", &[1, 2, 3]);
-        let bad = balance("bad", "pick_first", &[4]);
-        let snap = snapshot(&[good, bad]);
+        let good = balance("good", Verdict::RoundRobin, &[1, 2, 3]);
+        let bad = balance("bad", Verdict::PickFirst, &[4]);
+        let snap = view(&[good, bad]);
         let svc = name("shop/api");
         let w = Duration::from_secs(1);
         let all = evaluate(&svc, None, w, &snap, &snap);
@@ -1448,7 +1388,7 @@ mod tests {
                 .as_deref()
                 .is_some_and(|m| m.starts_with("no traffic from shop/nobody"))
         );
-        let none = evaluate(&svc, None, w, &snap, &snapshot(&[]));
+        let none = evaluate(&svc, None, w, &snap, &view(&[]));
         assert_eq!(exit_code(&none), EXIT_UNBALANCED);
         assert_eq!(
             none.message.as_deref(),
@@ -1467,10 +1407,10 @@ mod tests {
 
     #[test]
     fn table_lines_up() {
-        let good = balance("good", "round_robin", &[1, 2, 3]);
-        let mut bad = balance("a-much-longer-client-name", "pick_first", &[4]);
-        bad["skew"] = json!(3.0);
-        let snap = snapshot(&[good, bad]);
+        let good = balance("good", Verdict::RoundRobin, &[1, 2, 3]);
+        let mut bad = balance("a-much-longer-client-name", Verdict::PickFirst, &[4]);
+        bad.skew = Some(3.0);
+        let snap = view(&[good, bad]);
         let report = evaluate(
             &name("shop/api"),
             None,

@@ -159,7 +159,7 @@ fn kernel_connections(pod: &Pod) -> BTreeSet<(SocketAddr, SocketAddr)> {
 
 /// The agent's rows in a pod's namespace.
 fn table_rows(agent: &Agent, pod: &Pod) -> BTreeSet<(SocketAddr, SocketAddr)> {
-    agent.shared().with_table(|t| {
+    agent.shared().with_rows(|t| {
         t.iter()
             .filter(|c| c.key.netns == pod.netns_inode)
             .map(|c| (c.key.local, c.key.remote))
@@ -301,11 +301,12 @@ async fn the_table_converges_on_the_kernel_after_lost_records() {
     let _one = SERIAL.lock().await;
     let (lab, server) = lab::client_server(false, 10_000).expect("lab");
     let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
-    // A one-page ring read every 100 ms: a burst overflows it, so opens and closes are lost.
+    // A one-page ring read every 300 ms and never woken early: a burst overflows it, so opens
+    // and closes are lost.
     let agent = agent(|o| {
-        o.poll_interval = Duration::from_millis(100);
+        o.poll_interval = Duration::from_millis(300);
         o.probe.ring_bytes = 4096;
-        o.probe.wakeup_bytes = 2048;
+        o.probe.wakeup_bytes = 4095;
         o.reconcile_interval = Duration::from_secs(1);
     })
     .await;

@@ -617,8 +617,9 @@ fn binary_serves_endpoints_and_detaches_on_sigterm() {
     let conns = wait_for("3 connections", Duration::from_secs(10), || {
         let (code, body) = http::get(addr, &path).ok()?;
         assert_eq!(code, 200, "{body}");
-        let v: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON array");
-        (v.len() == 3).then_some(v)
+        let page: serde_json::Value = serde_json::from_str(&body).expect("JSON page");
+        let v: Vec<serde_json::Value> = page["connections"].as_array().cloned().expect("rows");
+        (v.len() == 3 && page["total"] == 3 && page["next"].is_null()).then_some(v)
     });
     let locals: BTreeSet<String> = held
         .iter()

@@ -509,7 +509,7 @@ async fn the_chart_runs_true_in_a_container_and_prometheus_alerts_on_it() {
     }
     // The non-root holder's connection predates the daemon: recovered with its owner.
     let conns = agent.json("/connections");
-    let held: Vec<&Value> = conns
+    let held: Vec<&Value> = conns["connections"]
         .as_array()
         .expect("connections")
         .iter()
@@ -595,7 +595,7 @@ async fn the_chart_runs_true_in_a_container_and_prometheus_alerts_on_it() {
     let end = Instant::now() + Duration::from_secs(10);
     let host_conn = loop {
         let conns = agent.json("/connections");
-        let found = conns.as_array().and_then(|cs| {
+        let found = conns["connections"].as_array().and_then(|cs| {
             cs.iter()
                 .find(|c| {
                     c["netns"] == node_inode

@@ -136,9 +136,9 @@ async fn every_connection_names_client_service_and_backend() {
     let cn = lab.pod(0).netns_inode;
     let shared = agent.shared().clone();
     let client_view =
-        |shared: &fanout::agent::Shared| -> Vec<(SocketAddr, SocketAddr, Attribution)> {
+        |shared: &fanout::exposition::http::AppState| -> Vec<(SocketAddr, SocketAddr, Attribution)> {
             let inv = shared.identity.snapshot();
-            shared.with_table(|t| {
+            shared.with_rows(|t| {
                 t.iter()
                     .filter(|c| c.key.netns == cn && c.direction == Direction::Outbound)
                     .map(|c| {
@@ -206,7 +206,7 @@ async fn every_connection_names_client_service_and_backend() {
 
     // Server side: each backend sees the client pod; stock-1 also sees the node, as a node.
     let inv = shared.identity.snapshot();
-    let inbound: Vec<Attribution> = shared.with_table(|t| {
+    let inbound: Vec<Attribution> = shared.with_rows(|t| {
         t.iter()
             .filter(|c| c.direction == Direction::Inbound)
             .filter(|c| lab.pods[1..].iter().any(|p| p.netns_inode == c.key.netns))
@@ -226,7 +226,7 @@ async fn every_connection_names_client_service_and_backend() {
     );
     assert!(inbound.iter().all(|a| matches!(&a.local, LocalEnd::Pod(_))));
     // And the node's end of it is the node.
-    let node_side: Vec<Attribution> = shared.with_table(|t| {
+    let node_side: Vec<Attribution> = shared.with_rows(|t| {
         t.iter()
             .filter(|c| c.key.netns == lab.node_inode)
             .map(|c| shared.identity.attribute(&inv, c))
@@ -240,7 +240,7 @@ async fn every_connection_names_client_service_and_backend() {
         http::get(agent.http_addr(), &format!("/connections?netns={cn}")).expect("GET");
     assert_eq!(code, 200);
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    let services: Vec<&str> = v
+    let services: Vec<&str> = v["connections"]
         .as_array()
         .map(|a| {
             a.iter()

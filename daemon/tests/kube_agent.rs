@@ -168,7 +168,7 @@ async fn kube_mode_gates_readiness_and_attributes_lab_connections() {
     let shared = agent.shared().clone();
     let view = wait("attributed connections", Duration::from_secs(10), || {
         let inv = shared.identity.snapshot();
-        let v: Vec<_> = shared.with_table(|t| {
+        let v: Vec<_> = shared.with_rows(|t| {
             t.iter()
                 .filter(|c| c.key.netns == cn && c.direction == Direction::Outbound)
                 .map(|c| (c.key.local, shared.identity.attribute(&inv, c)))

@@ -180,7 +180,7 @@ async fn k_connections(v6: bool, k: usize) {
         assert!(d < Duration::from_secs(60), "{d:?}");
     }
 
-    let left = agent.shared().with_table(|t| {
+    let left = agent.shared().with_rows(|t| {
         t.iter()
             .filter(|c| c.key.netns == cn || c.key.netns == sn)
             .count()
@@ -212,7 +212,7 @@ async fn connection_opened_before_start_is_recovered_and_its_close_seen() {
 
     let agent = start_agent().await;
     let (cn, sn) = (lab.pod(0).netns_inode, lab.pod(1).netns_inode);
-    let conns: HashMap<(u32, SocketAddr), _> = agent.shared().with_table(|t| {
+    let conns: HashMap<(u32, SocketAddr), _> = agent.shared().with_rows(|t| {
         t.iter()
             .filter(|c| c.key.netns == cn || c.key.netns == sn)
             .map(|c| ((c.key.netns, c.key.local), c.clone()))
@@ -248,7 +248,7 @@ async fn connection_opened_before_start_is_recovered_and_its_close_seen() {
     .await;
     assert_eq!(count(&events, RecordKind::Close, cn), 1);
     assert_eq!(count(&events, RecordKind::Close, sn), 1);
-    let left = agent.shared().with_table(|t| {
+    let left = agent.shared().with_rows(|t| {
         t.iter()
             .filter(|c| c.key.netns == cn || c.key.netns == sn)
             .count()

@@ -24,6 +24,7 @@ use axum::{
 };
 use fanout::{
     analysis::{AnalysisConfig, Analyzer, ConnId, ConnOpen, Counters, Nanos, RequestSource},
+    exposition::api::ServiceBalanceView,
     identity::model::ObjectRef,
 };
 use serde_json::{Value, json};
@@ -102,10 +103,16 @@ impl Sim {
 
     /// The agent's answer at `now`.
     fn answer(&self, now: Nanos) -> Value {
-        json!({
-            "service": service(),
-            "clients": self.a.evaluate(now).into_iter().filter(|b| b.service == service()).collect::<Vec<_>>(),
-        })
+        let view = ServiceBalanceView {
+            service: service(),
+            clients: self
+                .a
+                .evaluate(now)
+                .into_iter()
+                .filter(|b| b.service == service())
+                .collect(),
+        };
+        serde_json::to_value(view).expect("json")
     }
 }
 
@@ -628,7 +635,7 @@ fn client_filter() {
 #[test]
 fn no_client_at_all_fails() {
     let empty = json!({"service": service(), "clients": []});
-    let agent = Agent::start((empty.clone(), empty));
+    let agent = Agent::start((empty.clone(), empty.clone()));
     let run = verify_api(&agent.endpoint, &[]);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(
@@ -636,13 +643,42 @@ fn no_client_at_all_fails() {
         "{}",
         run.stdout
     );
-    let agent = Agent::start((json!({"clients": []}), json!({"clients": []})));
+    let agent = Agent::start((empty.clone(), empty));
     let run = verify_api(&agent.endpoint, &["--json"]);
     assert_eq!(run.code, 1);
     let v: Value = serde_json::from_str(&run.stdout).expect("json");
     assert_eq!(v["balanced"], false);
     assert_eq!(v["clients"], json!([]));
     assert_eq!(v["message"], "no client traffic to shop/api seen");
+}
+
+#[test]
+fn an_answer_missing_a_field_is_an_error() {
+    // Without `service`, or with a client's `skew` renamed: not "no clients", not "no skew".
+    let (start, mut end) = steady(3, &[round_robin("frontend", 40001)]);
+    let skew = end["clients"][0]
+        .as_object_mut()
+        .expect("client")
+        .remove("skew")
+        .expect("skew");
+    end["clients"][0]["skew_ratio"] = skew;
+    for (answers, missing) in [
+        ((json!({"clients": []}), json!({"clients": []})), "service"),
+        ((start, end), "skew"),
+    ] {
+        let agent = Agent::start(answers);
+        let run = verify_api(&agent.endpoint, &[]);
+        assert_eq!(run.code, 2, "{}", run.stderr);
+        assert!(run.stdout.is_empty(), "{}", run.stdout);
+        assert!(
+            run.stderr.contains(&format!(
+                "answered {}/services/shop/api/balance with unexpected JSON: missing field `{missing}`",
+                agent.endpoint
+            )),
+            "{}",
+            run.stderr
+        );
+    }
 }
 
 #[test]

@@ -58,8 +58,8 @@ static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, BPF_F_N
 /// keyed by the socket's own addresses (never the packet's, which NAT in the client's namespace
 /// may have rewritten). The lifecycle program creates an entry when a connection it saw dialled
 /// establishes and takes it, final count included, into the close record; the egress scanner
-/// only looks entries up, so other traffic costs a lookup and never an entry. LRU: an entry whose
-/// close was missed is evicted in time.
+/// only inserts one at a client preface it finds without an entry, so other traffic costs a
+/// lookup and never an entry. LRU: an entry whose close was missed is evicted in time.
 #[map]
 static H2: LruHashMap<H2Key, H2Scan> = LruHashMap::with_max_entries(16384, 0);
 
@@ -499,9 +499,18 @@ fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
         return Ok(());
     }
     let plen = len - payload_off;
-    // Only connections the lifecycle program saw dialled have an entry.
-    let Some(st) = H2.get_ptr_mut(key) else {
-        return Ok(());
+    // Connections the lifecycle program saw dialled have an entry. One whose establishment it
+    // did not see (the kernel skips a tracepoint run while another BPF program runs on the CPU)
+    // gets one here, but only at a client preface: other traffic never inserts.
+    let st = match H2.get_ptr_mut(key) {
+        Some(p) => p,
+        None => {
+            if plen < 4 || ctx.load::<[u8; 4]>(payload_off as usize)? != *b"PRI " {
+                return Ok(());
+            }
+            H2.insert(key, H2Scan::new(), 0)?;
+            H2.get_ptr_mut(key).ok_or(-1i64)?
+        }
     };
     // SAFETY: map value pointer, valid for this program run.
     let st = unsafe { &mut *st };

@@ -61,7 +61,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use self::window::{BackendBucket, KeyBucket, Ring, lifetime_bucket};
 pub use self::{
@@ -201,7 +201,10 @@ pub struct AnalyzerStats {
 }
 
 /// One backend's figures in a [`Balance`].
-#[derive(Clone, Debug, PartialEq, Serialize)]
+///
+/// Decoding requires every field, the `Option`s included (`deserialize_with`): a missing or
+/// renamed field is an error, never a silent `None`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendBalance {
     pub backend: ObjectRef,
     /// The pod name, or `namespace/name` when the backend is outside the service's namespace.
@@ -215,17 +218,24 @@ pub struct BackendBalance {
     pub closes: u64,
     pub requests: u64,
     /// Share of the requests with a known backend; None when there are none.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub share: Option<f64>,
     /// Mean lifetime of the window's connections, live ones at their current age.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub mean_lifetime_seconds: Option<f64>,
     /// For a ready backend that is not connected: how long it has been ready and unconnected
     /// (since it became ready, last had a connection, or the key was first seen, whichever is
     /// latest).
+    #[serde(deserialize_with = "Option::deserialize")]
     pub unconnected_seconds: Option<f64>,
 }
 
 /// The balance of one client pod's calls over one service's backends, over the window.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+///
+/// As the balance API serves it (`exposition::api::ServiceBalanceView`). Decoding requires every
+/// field, the `Option`s included (`deserialize_with`): a missing or renamed field is an error,
+/// never a silent `None`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Balance {
     pub client: ObjectRef,
     pub service: ObjectRef,
@@ -240,6 +250,7 @@ pub struct Balance {
     pub connected: usize,
     /// Ready backends that are connected.
     pub connected_ready: usize,
+    #[serde(deserialize_with = "Option::deserialize")]
     pub coverage: Option<f64>,
     /// Requests in the window, unattributed ones included.
     pub requests: u64,
@@ -247,6 +258,7 @@ pub struct Balance {
     pub requests_unattributed: u64,
     /// Requests per backend name; ready backends without requests appear with 0.
     pub requests_per_backend: BTreeMap<String, u64>,
+    #[serde(deserialize_with = "Option::deserialize")]
     pub skew: Option<f64>,
     pub live_connections: u64,
     /// Connections seen in the window: live ones plus those that closed in it.
@@ -255,8 +267,10 @@ pub struct Balance {
     pub closes: u64,
     pub opens_per_sec: f64,
     pub closes_per_sec: f64,
+    #[serde(deserialize_with = "Option::deserialize")]
     pub opens_per_request: Option<f64>,
     /// Mean lifetime of the window's connections, live ones at their current age.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub mean_lifetime_seconds: Option<f64>,
     /// Lifetimes of the connections that closed in the window.
     pub lifetimes: LifetimeHistogram,
@@ -265,9 +279,11 @@ pub struct Balance {
     /// Some live connection at the window start, and the same local ports at both ends.
     pub ports_stable: bool,
     /// Share of the start ports still live at the end; None when nothing was live at the start.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub ports_reused: Option<f64>,
     /// More live ports than `max_ports`: the port lists hold the lowest ones.
     pub ports_truncated: bool,
+    #[serde(deserialize_with = "Option::deserialize")]
     pub source: Option<RequestSource>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
@@ -950,6 +966,20 @@ impl Analyzer {
     pub fn evaluate(&self, now: Nanos) -> Vec<Balance> {
         self.keys
             .iter()
+            .map(|(k, ks)| self.figures(k, ks, now))
+            .collect()
+    }
+
+    /// The balance of every key `keep` selects, in (client, service) order: only those are
+    /// evaluated.
+    pub fn evaluate_where(
+        &self,
+        now: Nanos,
+        keep: impl Fn(&ObjectRef, &ObjectRef) -> bool,
+    ) -> Vec<Balance> {
+        self.keys
+            .iter()
+            .filter(|(k, _)| keep(&k.client, &k.service))
             .map(|(k, ks)| self.figures(k, ks, now))
             .collect()
     }

@@ -1,7 +1,9 @@
 //! Sliding-window storage: a fixed ring of time buckets per key and per backend, so memory per key
 //! does not grow with the number of requests or connections.
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 /// Upper bounds (seconds, inclusive as Prometheus `le`) of the connection lifetime histogram. The
 /// last bucket, `+Inf`, is implicit: [`LifetimeHistogram::counts`] has one more entry than this.
@@ -22,10 +24,11 @@ pub(crate) fn lifetime_bucket(lifetime_ns: u64) -> usize {
 }
 
 /// Lifetimes of the connections that closed in the window.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LifetimeHistogram {
     /// Upper bounds in seconds ([`LIFETIME_BOUNDS_SECONDS`]); the `+Inf` bucket is implicit.
-    pub bounds_seconds: &'static [f64],
+    /// Borrowed from the constant when computed; owned when decoded from the API.
+    pub bounds_seconds: Cow<'static, [f64]>,
     /// Per-bucket counts (not cumulative), `bounds_seconds.len() + 1` of them, the last for `+Inf`.
     pub counts: Vec<u64>,
     pub count: u64,
@@ -35,7 +38,7 @@ pub struct LifetimeHistogram {
 impl LifetimeHistogram {
     pub(crate) fn from_counts(counts: [u64; LIFETIME_BUCKETS], sum_ns: u64) -> Self {
         LifetimeHistogram {
-            bounds_seconds: &LIFETIME_BOUNDS_SECONDS,
+            bounds_seconds: Cow::Borrowed(&LIFETIME_BOUNDS_SECONDS),
             counts: counts.to_vec(),
             count: counts.iter().sum(),
             sum_seconds: sum_ns as f64 / 1e9,

@@ -185,6 +185,8 @@ pub fn requests_of(h2: Option<(u8, u64)>, counters: &Counters) -> Requests {
 pub struct ConnTable {
     conns: HashMap<ConnKey, Conn>,
     by_sock: HashMap<u64, ConnKey>,
+    /// Rows per network namespace (a pod's connections are its namespace's).
+    by_netns: HashMap<u32, HashSet<ConnKey>>,
     pending: HashMap<u64, Pending>,
     /// While startup recovery runs: connections that closed without the table knowing them.
     /// The scan may have seen them alive; they must not be resurrected.
@@ -225,6 +227,10 @@ impl ConnTable {
         if conn.sock != 0 {
             self.by_sock.insert(conn.sock, conn.key);
         }
+        self.by_netns
+            .entry(conn.key.netns)
+            .or_default()
+            .insert(conn.key);
         self.conns.insert(conn.key, conn);
     }
 
@@ -233,7 +239,22 @@ impl ConnTable {
         if conn.sock != 0 && self.by_sock.get(&conn.sock) == Some(key) {
             self.by_sock.remove(&conn.sock);
         }
+        if let Some(keys) = self.by_netns.get_mut(&key.netns) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_netns.remove(&key.netns);
+            }
+        }
         Some(conn)
+    }
+
+    /// The rows of one network namespace.
+    pub fn in_netns(&self, netns: u32) -> impl Iterator<Item = &Conn> {
+        self.by_netns
+            .get(&netns)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.conns.get(k))
     }
 
     /// Applies one lifecycle event.

@@ -8,7 +8,10 @@
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, sync::watch};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
 
 use super::{DecodeError, Event, decode};
 
@@ -35,12 +38,14 @@ fn drain(ring: &mut RingBuf<MapData>, batch: &mut Batch) -> bool {
     true
 }
 
-/// Reads until `shutdown` turns true, calling `sink` with every non-empty batch.
+/// Reads until `shutdown` turns true, sending every non-empty batch to `sink` (a bounded
+/// channel: when its receiver falls behind, the reader waits and the ring fills, and the kernel
+/// counts what it cannot write). Ends early when the receiver is gone.
 pub async fn run(
     ring: RingBuf<MapData>,
     poll_interval: Duration,
     mut shutdown: watch::Receiver<bool>,
-    mut sink: impl FnMut(Batch),
+    sink: mpsc::Sender<Batch>,
 ) -> std::io::Result<()> {
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd holds it, and the fd is
     // neither closed nor replaced while registered.
@@ -60,10 +65,12 @@ pub async fn run(
                     // Hand on what is already there before stopping.
                     let mut batch = Batch::default();
                     while drain(afd.get_mut(), &mut batch) {
-                        sink(std::mem::take(&mut batch));
+                        if sink.send(std::mem::take(&mut batch)).await.is_err() {
+                            return Ok(());
+                        }
                     }
                     if !batch.events.is_empty() || !batch.errors.is_empty() {
-                        sink(batch);
+                        let _ = sink.send(batch).await;
                     }
                     return Ok(());
                 }
@@ -72,8 +79,10 @@ pub async fn run(
         loop {
             let mut batch = Batch::default();
             let more = drain(afd.get_mut(), &mut batch);
-            if !batch.events.is_empty() || !batch.errors.is_empty() {
-                sink(batch);
+            if (!batch.events.is_empty() || !batch.errors.is_empty())
+                && sink.send(batch).await.is_err()
+            {
+                return Ok(());
             }
             if !more {
                 break;

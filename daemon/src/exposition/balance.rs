@@ -8,10 +8,9 @@
 //! series count is capped by [`crate::analysis::AnalysisConfig::max_series`]; what the cap
 //! refused is counted in `fanout_series_dropped_total`.
 
-use std::{
-    fmt,
-    sync::{Arc, Mutex},
-};
+use std::{fmt, sync::Arc};
+
+use tokio::sync::watch;
 
 use prometheus_client::{
     collector::Collector,
@@ -22,10 +21,9 @@ use prometheus_client::{
 use crate::analysis::{Analyzer, AnalyzerStats, BackendTotals, Balance, KeyTotals, Nanos, Verdict};
 use crate::identity::model::ObjectRef;
 
-/// Encodes the analyzer's figures at each scrape.
+/// Encodes the latest [`BalanceSnapshot`] the pipeline published at each scrape.
 pub struct BalanceCollector {
-    analyzer: Arc<Mutex<Analyzer>>,
-    clock: fn() -> Nanos,
+    snapshot: watch::Receiver<Arc<BalanceSnapshot>>,
 }
 
 impl fmt::Debug for BalanceCollector {
@@ -35,18 +33,31 @@ impl fmt::Debug for BalanceCollector {
 }
 
 impl BalanceCollector {
-    /// `clock` gives "now" on the analyzer's time base.
-    pub fn new(analyzer: Arc<Mutex<Analyzer>>, clock: fn() -> Nanos) -> Self {
-        BalanceCollector { analyzer, clock }
+    pub fn new(snapshot: watch::Receiver<Arc<BalanceSnapshot>>) -> Self {
+        BalanceCollector { snapshot }
     }
 }
 
-/// What one scrape encodes, taken under one lock.
-struct Snapshot {
-    totals: Vec<KeyTotals>,
-    balances: Vec<Balance>,
-    stats: AnalyzerStats,
+/// What the balance metrics show: the analyzer's totals, verdicts and stats at one instant. The
+/// pipeline publishes one per tick; a scrape encodes the latest and never waits for the pipeline.
+#[derive(Debug, Default)]
+pub struct BalanceSnapshot {
+    pub totals: Vec<KeyTotals>,
+    pub balances: Vec<Balance>,
+    pub stats: AnalyzerStats,
 }
+
+impl BalanceSnapshot {
+    pub fn of(analyzer: &Analyzer, now: Nanos) -> Self {
+        BalanceSnapshot {
+            totals: analyzer.totals(),
+            balances: analyzer.evaluate(now),
+            stats: analyzer.stats(),
+        }
+    }
+}
+
+type Snapshot = BalanceSnapshot;
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
@@ -290,22 +301,14 @@ fn encode_snapshot(s: &Snapshot, mut enc: DescriptorEncoder<'_>) -> fmt::Result 
 
 impl Collector for BalanceCollector {
     fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
-        let now = (self.clock)();
-        let snapshot = {
-            let a = self.analyzer.lock().unwrap_or_else(|p| p.into_inner());
-            Snapshot {
-                totals: a.totals(),
-                balances: a.evaluate(now),
-                stats: a.stats(),
-            }
-        };
+        let snapshot = self.snapshot.borrow().clone();
         encode_snapshot(&snapshot, encoder)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{sync::Mutex, time::Duration};
 
     use super::*;
     use crate::{
@@ -365,8 +368,13 @@ mod tests {
     }
 
     fn scrape(analyzer: &Arc<Mutex<Analyzer>>) -> String {
+        let snapshot = {
+            let a = analyzer.lock().unwrap();
+            BalanceSnapshot::of(&a, 31 * S)
+        };
+        let (_tx, rx) = watch::channel(Arc::new(snapshot));
         let mut m = Metrics::new();
-        m.register_balance(analyzer.clone(), || 31 * S);
+        m.register_balance(rx);
         m.encode().expect("encode")
     }
 

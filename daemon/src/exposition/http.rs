@@ -1,25 +1,101 @@
 //! HTTP: `/metrics` (OpenMetrics), `/healthz` (readiness), `/livez` (liveness), `/features`,
-//! `/connections` (the live table as JSON) and the balance APIs.
+//! `/connections` (the live table, a page at a time) and the balance APIs.
+//!
+//! Invariants: handlers hold no state of the data path. They read what is shared read-mostly
+//! ([`AppState`]: metrics, features, identity, readiness) and ask the pipeline the rest, as
+//! queries answered over a oneshot; answers are the API types of [`super::api`], bounded in size.
+//! A malformed name or query is a JSON `400`, an unknown object or path a JSON `404`.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State},
+    extract::{Path, Query as QueryParams, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
-use serde::Serialize;
+use tokio::sync::broadcast;
 
-use crate::agent::Shared;
-use crate::conntable::{Conn, Direction, Origin};
-use crate::event::Owner;
-use crate::identity::attribution::Attribution;
+use super::{api, metrics::Metrics, server::ServerStats};
+use crate::{
+    conntable::Conn,
+    event::Event,
+    features::Features,
+    identity::{Identity, attribution::Attribution, model::ObjectRef},
+    pipeline::{
+        self, Handle, Query,
+        query::{ConnFilter, DEFAULT_PAGE, DEFAULT_PEER_CONNECTIONS, MAX_PAGE, parse_cursor},
+    },
+};
 
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-pub fn router(shared: Arc<Shared>) -> Router {
+/// `/livez` fails once the pipeline has not turned for this long.
+pub const LIVENESS_STALE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What the handlers (and embedders) share. Read-mostly: nothing here belongs to the data path.
+pub struct AppState {
+    pub metrics: Arc<Metrics>,
+    pub identity: Arc<Identity>,
+    pub features: Arc<Features>,
+    /// The pipeline, for queries.
+    pub pipeline: Handle,
+    /// Startup recovery is done.
+    pub ready: Arc<AtomicBool>,
+    /// When the pipeline last turned (monotonic ns; 0 before its first turn).
+    pub heartbeat: Arc<AtomicU64>,
+    pub events: broadcast::Sender<Event>,
+    pub http: ServerStats,
+}
+
+impl AppState {
+    /// Ready: programs attached, startup recovery done, identity synced.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.identity.is_synced()
+    }
+
+    /// Live: the pipeline turned within [`LIVENESS_STALE`], or has not had its first turn yet.
+    pub fn is_live(&self) -> bool {
+        let beat = self.heartbeat.load(Ordering::Acquire);
+        beat == 0
+            || pipeline::monotonic_ns().saturating_sub(beat) < LIVENESS_STALE.as_nanos() as u64
+    }
+
+    /// Every row of the connection table, now.
+    pub async fn rows(&self) -> Vec<Conn> {
+        self.pipeline.rows().await
+    }
+
+    /// Runs `f` over every row, now, from synchronous code on a multi-thread runtime (tests and
+    /// embedders): the pipeline answers while this thread waits.
+    pub fn with_rows<T>(&self, f: impl FnOnce(&[Conn]) -> T) -> T {
+        let rows = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(self.pipeline.rows())
+        });
+        f(&rows)
+    }
+
+    /// Every row with its attribution, now.
+    pub async fn attributed(&self) -> Vec<(Conn, Attribution)> {
+        let rows = self.rows().await;
+        let inv = self.identity.snapshot();
+        rows.into_iter()
+            .map(|c| {
+                let a = self.identity.attribute(&inv, &c);
+                (c, a)
+            })
+            .collect()
+    }
+}
+
+pub fn router(shared: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -33,28 +109,29 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-#[derive(Serialize)]
-struct ApiError {
-    error: String,
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(api::ApiError::new(msg))).into_response()
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(ApiError { error: msg.into() })).into_response()
+fn gone() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the agent is shutting down",
+    )
 }
 
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    shared.refresh_gauges();
+async fn metrics(State(shared): State<Arc<AppState>>) -> Response {
     match shared.metrics.encode() {
         Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response(),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed"),
     }
 }
 
-async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+async fn healthz(State(shared): State<Arc<AppState>>) -> Response {
     if shared.is_ready() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
@@ -62,127 +139,102 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn livez(State(shared): State<Arc<Shared>>) -> Response {
+async fn livez(State(shared): State<Arc<AppState>>) -> Response {
     if shared.is_live() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "housekeeping stalled\n").into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, "the pipeline stalled\n").into_response()
     }
 }
 
-#[derive(Serialize)]
-struct FeaturesView {
-    features: Vec<crate::features::Status>,
-}
-
-async fn features(State(shared): State<Arc<Shared>>) -> Response {
-    Json(FeaturesView {
+async fn features(State(shared): State<Arc<AppState>>) -> Response {
+    Json(api::FeaturesView {
         features: shared.features.snapshot(),
     })
     .into_response()
 }
 
-#[derive(Serialize, Debug)]
-pub struct ConnView {
-    pub netns: u32,
-    pub local: String,
-    pub remote: String,
-    pub direction: Direction,
-    pub origin: Origin,
-    pub owner: Option<Owner>,
-    /// Seconds since the connection established, when the tracer saw it open.
-    pub age_seconds: Option<f64>,
-    /// Which pod this end is and what the peer is (pod, service with backend, node, external).
-    pub identity: Attribution,
-    /// Payload bytes and send/receive calls, counted in the kernel.
-    pub counters: crate::event::Counters,
-    /// Requests sent (outbound connections), with their source: `h2` or `messages`.
-    pub requests: Option<crate::conntable::Requests>,
-}
-
-impl ConnView {
-    fn new(c: &Conn, now_ns: u64, identity: Attribution) -> Self {
-        ConnView {
-            netns: c.key.netns,
-            local: c.key.local.to_string(),
-            remote: c.key.remote.to_string(),
-            direction: c.direction,
-            origin: c.origin,
-            owner: c.owner.clone(),
-            age_seconds: c.opened_ns.map(|t| now_ns.saturating_sub(t) as f64 / 1e9),
-            identity,
-            counters: c.counters,
-            requests: c.requests,
-        }
-    }
-}
-
-async fn connections(
-    State(shared): State<Arc<Shared>>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    let mut netns = None;
-    for (k, v) in &q {
+/// `?netns=INODE&limit=N&after=CURSOR`.
+fn conn_filter(q: &HashMap<String, String>) -> Result<ConnFilter, String> {
+    let mut f = ConnFilter {
+        limit: DEFAULT_PAGE,
+        ..ConnFilter::default()
+    };
+    for (k, v) in q {
         match k.as_str() {
-            "netns" => match v.parse::<u32>() {
-                Ok(n) => netns = Some(n),
-                Err(_) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!("netns must be a namespace inode number, got {v:?}"),
-                    );
-                }
-            },
+            "netns" => {
+                f.netns =
+                    Some(v.parse::<u32>().map_err(|_| {
+                        format!("netns must be a namespace inode number, got {v:?}")
+                    })?)
+            }
+            "limit" => {
+                f.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| format!("limit must be from 1 to {MAX_PAGE}, got {v:?}"))?
+            }
+            "after" => {
+                f.after = Some(parse_cursor(v).ok_or_else(|| {
+                    format!("after must be the `next` cursor of a previous page, got {v:?}")
+                })?)
+            }
             other => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown query parameter {other:?} (known: netns)"),
-                );
+                return Err(format!(
+                    "unknown query parameter {other:?} (known: netns, limit, after)"
+                ));
             }
         }
     }
-    let now = crate::agent::monotonic_ns();
-    let inv = shared.identity.snapshot();
-    let mut out: Vec<ConnView> = shared.with_table(|t| {
-        t.iter()
-            .filter(|c| netns.is_none_or(|n| c.key.netns == n))
-            .map(|c| ConnView::new(c, now, shared.identity.attribute(&inv, c)))
-            .collect()
-    });
-    out.sort_by(|a, b| (a.netns, &a.local, &a.remote).cmp(&(b.netns, &b.local, &b.remote)));
-    Json(out).into_response()
+    Ok(f)
+}
+
+async fn connections(
+    State(shared): State<Arc<AppState>>,
+    QueryParams(q): QueryParams<HashMap<String, String>>,
+) -> Response {
+    let filter = match conn_filter(&q) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match shared
+        .pipeline
+        .ask(|reply| Query::Connections { filter, reply })
+        .await
+    {
+        Some(page) => Json(page).into_response(),
+        None => gone(),
+    }
 }
 
 /// Per client pod of a service: ready versus connected backends, requests per backend, skew,
 /// verdict and reason, over the sliding window.
 async fn service_balance(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<AppState>>,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Response {
-    let service = crate::identity::model::ObjectRef::new(&namespace, &name);
-    let known = shared
-        .identity
-        .snapshot()
-        .service(&namespace, &name)
-        .is_some();
-    let now = crate::agent::monotonic_ns();
-    let balances: Vec<_> = shared
-        .analyzer()
-        .evaluate(now)
-        .into_iter()
-        .filter(|b| b.service == service)
-        .collect();
-    if !known && balances.is_empty() {
-        return error(
+    for (what, v) in [("namespace", &namespace), ("service name", &name)] {
+        if !valid_name(v) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{what} {v:?} is not a valid Kubernetes name"),
+            );
+        }
+    }
+    let service = ObjectRef::new(&namespace, &name);
+    match shared
+        .pipeline
+        .ask(|reply| Query::ServiceBalance { service, reply })
+        .await
+    {
+        Some(Some(view)) => Json(view).into_response(),
+        Some(None) => error(
             StatusCode::NOT_FOUND,
             format!("unknown service {namespace}/{name}"),
-        );
+        ),
+        None => gone(),
     }
-    Json(serde_json::json!({
-        "service": service,
-        "clients": balances,
-    }))
-    .into_response()
 }
 
 /// A Kubernetes object name or namespace: DNS-1123 characters, at most 253.
@@ -193,61 +245,68 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
+/// `?connections=N`: connections listed per peer.
+fn peer_limit(v: &str) -> Result<usize, String> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| format!("connections must be from 1 to {MAX_PAGE}, got {v:?}"))
+}
+
 async fn pod_peers_default_ns(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<AppState>>,
     Path(name): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    QueryParams(q): QueryParams<HashMap<String, String>>,
 ) -> Response {
     let mut namespace = "default".to_string();
+    let mut limit = DEFAULT_PEER_CONNECTIONS;
     for (k, v) in q {
         match k.as_str() {
             "namespace" => namespace = v,
+            "connections" => match peer_limit(&v) {
+                Ok(n) => limit = n,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            },
             other => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    format!("unknown query parameter {other:?} (known: namespace)"),
+                    format!("unknown query parameter {other:?} (known: namespace, connections)"),
                 );
             }
         }
     }
-    peers_of(&shared, &namespace, &name)
+    peers_of(&shared, &namespace, &name, limit).await
 }
 
 async fn pod_peers(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<AppState>>,
     Path((namespace, name)): Path<(String, String)>,
-    Query(q): Query<HashMap<String, String>>,
+    QueryParams(q): QueryParams<HashMap<String, String>>,
 ) -> Response {
-    if let Some(k) = q.keys().next() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("unknown query parameter {k:?} (the namespace is in the path)"),
-        );
+    let mut limit = DEFAULT_PEER_CONNECTIONS;
+    for (k, v) in q {
+        match k.as_str() {
+            "connections" => match peer_limit(&v) {
+                Ok(n) => limit = n,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            },
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown query parameter {other:?} (known: connections; the namespace is \
+                         in the path)"
+                    ),
+                );
+            }
+        }
     }
-    peers_of(&shared, &namespace, &name)
-}
-
-#[derive(Serialize)]
-struct PeerConn {
-    local_port: u16,
-    direction: Direction,
-    state: &'static str,
-    origin: Origin,
-    age_seconds: Option<f64>,
-    counters: crate::event::Counters,
-    requests: Option<crate::conntable::Requests>,
-}
-
-#[derive(Serialize)]
-struct PeerView {
-    peer: crate::identity::attribution::Peer,
-    remote: String,
-    connections: Vec<PeerConn>,
+    peers_of(&shared, &namespace, &name, limit).await
 }
 
 /// Every peer of a pod (pod, service, node or external; IP and port) with its connections, and
 /// the balance verdict per service the pod calls.
-fn peers_of(shared: &Shared, namespace: &str, name: &str) -> Response {
+async fn peers_of(shared: &AppState, namespace: &str, name: &str, limit: usize) -> Response {
     for (what, v) in [("namespace", namespace), ("pod name", name)] {
         if !valid_name(v) {
             return error(
@@ -256,71 +315,46 @@ fn peers_of(shared: &Shared, namespace: &str, name: &str) -> Response {
             );
         }
     }
-    let inv = shared.identity.snapshot();
-    if inv.pod(namespace, name).is_none() {
-        return error(
+    let pod = ObjectRef::new(namespace, name);
+    match shared
+        .pipeline
+        .ask(|reply| Query::PodPeers { pod, limit, reply })
+        .await
+    {
+        Some(Some(view)) => Json(view).into_response(),
+        Some(None) => error(
             StatusCode::NOT_FOUND,
             format!("unknown pod {namespace}/{name}"),
+        ),
+        None => gone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_queries_are_checked() {
+        let q = |pairs: &[(&str, &str)]| {
+            conn_filter(
+                &pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        assert_eq!(q(&[]).unwrap().limit, DEFAULT_PAGE);
+        assert_eq!(q(&[("netns", "7"), ("limit", "5")]).unwrap().netns, Some(7));
+        assert!(q(&[("limit", "0")]).is_err());
+        assert!(q(&[("limit", "100000")]).is_err());
+        assert!(q(&[("after", "nope")]).is_err());
+        assert!(q(&[("colour", "red")]).is_err());
+        assert!(
+            q(&[("after", "1/10.0.0.1:1/10.0.0.2:2")])
+                .unwrap()
+                .after
+                .is_some()
         );
     }
-    let now = crate::agent::monotonic_ns();
-    let mut peers: Vec<PeerView> = Vec::new();
-    shared.with_table(|t| {
-        for c in t.iter() {
-            let at = shared.identity.attribute(&inv, c);
-            let crate::identity::attribution::LocalEnd::Pod(me) = &at.local else {
-                continue;
-            };
-            if me.namespace != namespace || me.name != name {
-                continue;
-            }
-            let remote = c.key.remote.to_string();
-            let conn = PeerConn {
-                local_port: c.key.local.port(),
-                direction: c.direction,
-                state: "established",
-                origin: c.origin,
-                age_seconds: c.opened_ns.map(|t| now.saturating_sub(t) as f64 / 1e9),
-                counters: c.counters,
-                requests: c.requests,
-            };
-            match peers
-                .iter_mut()
-                .find(|p| p.remote == remote && p.peer == at.peer)
-            {
-                Some(p) => p.connections.push(conn),
-                None => peers.push(PeerView {
-                    peer: at.peer.clone(),
-                    remote,
-                    connections: vec![conn],
-                }),
-            }
-        }
-    });
-    peers.sort_by(|a, b| a.remote.cmp(&b.remote));
-    let client = crate::identity::model::ObjectRef::new(namespace, name);
-    let services: Vec<_> = shared
-        .analyzer()
-        .evaluate(now)
-        .into_iter()
-        .filter(|b| b.client == client)
-        .map(|b| {
-            serde_json::json!({
-                "service": b.service,
-                "verdict": b.verdict,
-                "reason": b.reason,
-                "ready": b.ready,
-                "connected": b.connected,
-                "coverage": b.coverage,
-                "skew": b.skew,
-                "requests_per_backend": b.requests_per_backend,
-            })
-        })
-        .collect();
-    Json(serde_json::json!({
-        "pod": client,
-        "peers": peers,
-        "services": services,
-    }))
-    .into_response()
 }

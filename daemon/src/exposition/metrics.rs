@@ -290,16 +290,60 @@ impl Metrics {
         }
     }
 
-    /// Adds the per-pod balance metrics, read from `analyzer` at each scrape.
+    /// Adds the per-pod balance metrics, encoded from the latest published snapshot at each
+    /// scrape.
     pub fn register_balance(
         &mut self,
-        analyzer: std::sync::Arc<std::sync::Mutex<crate::analysis::Analyzer>>,
-        clock: fn() -> crate::analysis::Nanos,
+        snapshot: tokio::sync::watch::Receiver<std::sync::Arc<super::balance::BalanceSnapshot>>,
     ) {
         self.registry
-            .register_collector(Box::new(super::balance::BalanceCollector::new(
-                analyzer, clock,
-            )));
+            .register_collector(Box::new(super::balance::BalanceCollector::new(snapshot)));
+    }
+
+    /// Counts the verdict changes of one evaluation, and keeps every regression possible from a
+    /// remembered verdict at 0 ahead of time (so the first one is an increase Prometheus sees);
+    /// drops the series of forgotten workloads.
+    pub fn verdict_changes_observed(&self, observed: &crate::analysis::regress::Observed) {
+        use crate::analysis::{Verdict, regress};
+        let labels = |k: &regress::WorkloadKey, from: Verdict, to: Verdict| VerdictChangeLabels {
+            namespace: k.namespace.clone(),
+            workload: k.workload.clone(),
+            service_namespace: k.service.namespace.clone(),
+            service: k.service.name.clone(),
+            from: from.as_str(),
+            to: to.as_str(),
+        };
+        for k in &observed.forgotten {
+            for from in Verdict::ALL {
+                for to in Verdict::ALL {
+                    self.verdict_changes.remove(&labels(k, from, to));
+                }
+            }
+        }
+        for (k, v) in &observed.remembered {
+            for worse in regress::worse_than(*v) {
+                let _ = self.verdict_changes.get_or_create(&labels(k, *v, worse));
+            }
+        }
+        for c in &observed.changes {
+            let log = format!(
+                "{}/{} now {} for service {}/{} (was {})",
+                c.key.namespace,
+                c.key.workload,
+                c.to.as_str(),
+                c.key.service.namespace,
+                c.key.service.name,
+                c.from.as_str()
+            );
+            if c.is_regression() {
+                tracing::warn!("balance verdict got worse: {log}");
+            } else {
+                tracing::info!("balance verdict changed: {log}");
+            }
+            self.verdict_changes
+                .get_or_create(&labels(&c.key, c.from, c.to))
+                .inc();
+        }
     }
 
     /// Records what one applied event did.

@@ -9,17 +9,18 @@
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::model::{Inventory, ObjectRef, Pod, ServiceHit, Workload};
 
 /// A service and the port a connection used.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ServiceRef {
     pub namespace: String,
     pub name: String,
     /// The service port (the ClusterIP port, or for a headless service the port itself).
     pub port: u16,
+    #[serde(deserialize_with = "Option::deserialize")]
     pub port_name: Option<String>,
     pub headless: bool,
 }
@@ -36,7 +37,7 @@ impl ServiceRef {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodRef {
     pub namespace: String,
     pub name: String,
@@ -57,7 +58,7 @@ impl PodRef {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LocalEnd {
     Pod(PodRef),
@@ -65,19 +66,22 @@ pub enum LocalEnd {
     Node,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Peer {
     /// Through a ClusterIP. `backend` is the pod kube-proxy sent the connection to, when the
     /// conntrack lookup found it.
     Service {
         service: ServiceRef,
+        #[serde(deserialize_with = "Option::deserialize")]
         backend: Option<PodRef>,
+        #[serde(deserialize_with = "Option::deserialize")]
         backend_addr: Option<SocketAddr>,
     },
     /// Directly to (or from) a pod; `service` when the pod serves one on that port.
     Pod {
         pod: PodRef,
+        #[serde(deserialize_with = "Option::deserialize")]
         service: Option<ServiceRef>,
     },
     /// A node address or hostNetwork pod.
@@ -86,7 +90,7 @@ pub enum Peer {
     External,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attribution {
     pub local: LocalEnd,
     pub peer: Peer,
@@ -128,6 +132,15 @@ impl NetnsPods {
 
     pub fn get(&self, netns: u32) -> Option<&ObjectRef> {
         self.map.get(&netns)
+    }
+
+    /// The namespaces learnt to be `pod`'s.
+    pub fn netns_of(&self, pod: &ObjectRef) -> Vec<u32> {
+        self.map
+            .iter()
+            .filter(|(_, p)| *p == pod)
+            .map(|(ns, _)| *ns)
+            .collect()
     }
 
     /// Forgets namespaces whose pod is gone from the inventory.

@@ -10,6 +10,7 @@ pub mod conntrack;
 pub mod kube;
 pub mod local;
 pub mod model;
+pub mod source;
 
 use std::{
     path::PathBuf,
@@ -99,6 +100,14 @@ impl Identity {
         {
             ns.learn(conn.key.netns, pod);
         }
+    }
+
+    /// The network namespaces learnt to be `pod`'s (its connections live there).
+    pub fn netns_of(&self, pod: &model::ObjectRef) -> Vec<u32> {
+        self.netns_pods
+            .lock()
+            .map(|ns| ns.netns_of(pod))
+            .unwrap_or_default()
     }
 
     /// Attributes one connection with the given inventory.

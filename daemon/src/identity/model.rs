@@ -9,10 +9,10 @@ use std::{
     sync::Arc,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Namespace and name of an object.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ObjectRef {
     pub namespace: String,
     pub name: String,
@@ -35,7 +35,7 @@ impl fmt::Display for ObjectRef {
 
 /// The controller a pod belongs to: Deployment (through its ReplicaSet), StatefulSet, DaemonSet,
 /// Job (CronJob jobs keep the Job), or the pod itself.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Workload {
     pub kind: String,
     pub name: String,

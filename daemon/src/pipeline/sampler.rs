@@ -1,0 +1,81 @@
+//! The kernel side's housekeeping, once a second: loss counters, skipped program runs, kernel
+//! logs, and counter samples of the connections the analyzer follows.
+//!
+//! Invariants: this task alone owns the [`Probe`] (the kernel maps and programs); it asks the
+//! pipeline which connections to sample and sends the samples back, so the pipeline never makes
+//! a system call for a map. Only outbound connections are read (two lookups each: the clients'
+//! side, whose request figures matter live); inbound ones get their final figures from the close
+//! record.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use super::{Handle, Input, Query, Sample, TICK};
+use crate::{
+    conntable::{Direction, h2_key, requests_figure},
+    event::Counters,
+    exposition::metrics::Metrics,
+    identity::kube::KubeStats,
+    probe::Probe,
+};
+
+/// Runs until `stop` turns true.
+pub async fn run(
+    probe: Arc<Mutex<Probe>>,
+    pipeline: Handle,
+    metrics: Arc<Metrics>,
+    kube: Option<Arc<KubeStats>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if let Some(k) = &kube {
+            metrics.set_kube_stats(k);
+        }
+        let Some(tracked) = pipeline.ask(|reply| Query::Tracked { reply }).await else {
+            return;
+        };
+        let p = probe.clone();
+        let m = metrics.clone();
+        let samples = tokio::task::spawn_blocking(move || {
+            let Ok(mut p) = p.lock() else {
+                return Vec::new();
+            };
+            p.flush_logs();
+            m.set_program_misses(&p.program_misses());
+            match p.lost() {
+                Ok(totals) => m.set_kernel_lost(&totals),
+                Err(e) => tracing::warn!(error = %e, "reading loss counters"),
+            }
+            tracked
+                .iter()
+                .filter_map(|t| {
+                    // The scanner's entry first, then the socket's: the close removes the socket's
+                    // first, so a connection that closes between the two reads is skipped (its
+                    // close record carries its final figures) instead of being sampled with its
+                    // scanner entry already gone, as if it had never been HTTP/2.
+                    let h2 =
+                        (t.direction == Direction::Outbound).then(|| p.h2_state(&h2_key(&t.key)));
+                    let counters = Counters::from(&p.sock_state(t.sock)?);
+                    let requests = h2.map(|h2| requests_figure(h2.as_ref(), &counters));
+                    Some(Sample {
+                        key: t.key,
+                        sock: t.sock,
+                        counters,
+                        requests,
+                    })
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        if !samples.is_empty() && !pipeline.send(Input::Samples(samples)).await {
+            return;
+        }
+    }
+}
