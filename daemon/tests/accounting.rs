@@ -6,6 +6,9 @@
 //! Each test owns its lab, its agent and its tracefs instance; the tests of this file run one at
 //! a time because a burst's CPU load would otherwise be shared.
 
+#[path = "support/e2e.rs"]
+mod e2e;
+
 use std::{
     collections::{BTreeSet, HashSet},
     net::{SocketAddr, TcpStream},
@@ -13,29 +16,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fanout::{
-    agent::{Agent, AgentOptions},
-    conntable::recover,
-};
+use e2e::start_agent_with;
+use fanout::{agent::Agent, conntable::recover};
 use fanout_common::{RecordKind, tcp};
 use xtask::lab::{self, EchoServer, Lab, Pod};
 
 /// One test at a time (see the module doc).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn agent(tune: impl FnOnce(&mut AgentOptions)) -> Agent {
-    let mut opts = AgentOptions {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        poll_interval: Duration::from_millis(20),
-        ..AgentOptions::default()
-    };
-    tune(&mut opts);
-    let agent = Agent::start(opts).await.expect("agent starts");
-    tokio::time::timeout(Duration::from_secs(30), agent.ready())
-        .await
-        .expect("startup recovery finishes");
-    agent
-}
 
 /// A tracefs instance (its own buffer) recording `sock/inet_sock_set_state` for one TCP port:
 /// what the kernel emitted, independently of fanout. Removed when dropped.
@@ -232,7 +219,7 @@ async fn every_record_the_kernel_emits_is_read_or_counted_lost() {
         Duration::from_secs(300),
     )
     .expect("server");
-    let agent = agent(|_| {}).await;
+    let agent = start_agent_with(|_| {}).await;
     let netns: HashSet<u32> = lab.pods.iter().map(|p| p.netns_inode).collect();
     let mut rx = agent.subscribe();
     let collector = tokio::spawn(async move {
@@ -303,7 +290,7 @@ async fn the_table_converges_on_the_kernel_after_lost_records() {
     let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
     // A one-page ring read every 300 ms and never woken early: a burst overflows it, so opens
     // and closes are lost.
-    let agent = agent(|o| {
+    let agent = start_agent_with(|o| {
         o.poll_interval = Duration::from_millis(300);
         o.probe.ring_bytes = 4096;
         o.probe.wakeup_bytes = 4095;
@@ -360,7 +347,7 @@ async fn a_restart_in_a_burst_brings_back_no_closed_connection() {
     let (client, server_pod) = (lab.pod(0).clone(), lab.pod(1).clone());
     let to = server.addr;
     let held: Vec<TcpStream> = lab::hold(&client, to, 20).expect("held connections");
-    let first = agent(|_| {}).await;
+    let first = start_agent_with(|_| {}).await;
     let c = client.clone();
     let bursting = tokio::task::spawn_blocking(move || {
         lab::connect_many(&c, to, 3000, Duration::from_secs(60))
@@ -369,7 +356,7 @@ async fn a_restart_in_a_burst_brings_back_no_closed_connection() {
     first.shutdown().await.expect("shutdown");
     // The second agent starts while the burst runs; no reconciliation round after startup, so
     // that only the startup scan is judged.
-    let second = agent(|o| o.reconcile_interval = Duration::from_secs(3600)).await;
+    let second = start_agent_with(|o| o.reconcile_interval = Duration::from_secs(3600)).await;
     assert_eq!(bursting.await.expect("join").expect("burst").len(), 3000);
     // Every record of the burst read (a few poll intervals), then: exactly the held ones.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -5,14 +5,18 @@
 //! These tests never skip: without root or a needed kernel feature they fail and say what is
 //! missing.
 
+#[path = "support/e2e.rs"]
+mod e2e;
+
 use std::{
     collections::{BTreeSet, HashMap},
     net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
+use e2e::start_agent_with;
 use fanout::{
-    agent::{Agent, AgentOptions},
+    agent::Agent,
     conntable::{Direction, Origin},
     event::Event,
 };
@@ -30,22 +34,6 @@ fn require_root() {
 
 async fn start_agent() -> Agent {
     start_agent_with(|_| {}).await
-}
-
-/// Starts an agent on an ephemeral port that polls every 20 ms, after `tune` adjusted the options,
-/// and waits for startup recovery.
-async fn start_agent_with(tune: impl FnOnce(&mut AgentOptions)) -> Agent {
-    let mut opts = AgentOptions {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        poll_interval: Duration::from_millis(20),
-        ..AgentOptions::default()
-    };
-    tune(&mut opts);
-    let agent = Agent::start(opts).await.expect("agent starts");
-    tokio::time::timeout(Duration::from_secs(30), agent.ready())
-        .await
-        .expect("startup recovery finishes");
-    agent
 }
 
 /// Collects events of the given namespaces until `done` says so or `limit` passes, then keeps

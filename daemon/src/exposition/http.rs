@@ -245,12 +245,37 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
-/// `?connections=N`: connections listed per peer.
-fn peer_limit(v: &str) -> Result<usize, String> {
-    v.parse::<usize>()
-        .ok()
-        .filter(|n| (1..=MAX_PAGE).contains(n))
-        .ok_or_else(|| format!("connections must be from 1 to {MAX_PAGE}, got {v:?}"))
+/// The query of a peers request: `?connections=N` (connections listed per peer), and, where the
+/// path has no namespace, `?namespace=NS` (default `default`). Returns (namespace, limit).
+fn peers_query(
+    q: HashMap<String, String>,
+    namespace_in_path: bool,
+) -> Result<(Option<String>, usize), String> {
+    let (mut namespace, mut limit) = (None, DEFAULT_PEER_CONNECTIONS);
+    for (k, v) in q {
+        match k.as_str() {
+            "namespace" if !namespace_in_path => namespace = Some(v),
+            "connections" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| format!("connections must be from 1 to {MAX_PAGE}, got {v:?}"))?
+            }
+            other if namespace_in_path => {
+                return Err(format!(
+                    "unknown query parameter {other:?} (known: connections; the namespace is in \
+                     the path)"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "unknown query parameter {other:?} (known: namespace, connections)"
+                ));
+            }
+        }
+    }
+    Ok((namespace, limit))
 }
 
 async fn pod_peers_default_ns(
@@ -258,24 +283,13 @@ async fn pod_peers_default_ns(
     Path(name): Path<String>,
     QueryParams(q): QueryParams<HashMap<String, String>>,
 ) -> Response {
-    let mut namespace = "default".to_string();
-    let mut limit = DEFAULT_PEER_CONNECTIONS;
-    for (k, v) in q {
-        match k.as_str() {
-            "namespace" => namespace = v,
-            "connections" => match peer_limit(&v) {
-                Ok(n) => limit = n,
-                Err(e) => return error(StatusCode::BAD_REQUEST, e),
-            },
-            other => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown query parameter {other:?} (known: namespace, connections)"),
-                );
-            }
+    match peers_query(q, false) {
+        Ok((namespace, limit)) => {
+            let namespace = namespace.unwrap_or_else(|| "default".into());
+            peers_of(&shared, &namespace, &name, limit).await
         }
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
-    peers_of(&shared, &namespace, &name, limit).await
 }
 
 async fn pod_peers(
@@ -283,25 +297,10 @@ async fn pod_peers(
     Path((namespace, name)): Path<(String, String)>,
     QueryParams(q): QueryParams<HashMap<String, String>>,
 ) -> Response {
-    let mut limit = DEFAULT_PEER_CONNECTIONS;
-    for (k, v) in q {
-        match k.as_str() {
-            "connections" => match peer_limit(&v) {
-                Ok(n) => limit = n,
-                Err(e) => return error(StatusCode::BAD_REQUEST, e),
-            },
-            other => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "unknown query parameter {other:?} (known: connections; the namespace is \
-                         in the path)"
-                    ),
-                );
-            }
-        }
+    match peers_query(q, true) {
+        Ok((_, limit)) => peers_of(&shared, &namespace, &name, limit).await,
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
-    peers_of(&shared, &namespace, &name, limit).await
 }
 
 /// Every peer of a pod (pod, service, node or external; IP and port) with its connections, and

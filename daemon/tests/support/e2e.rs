@@ -3,8 +3,9 @@
 
 #![allow(dead_code)] // each test uses a different part of it
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
+use fanout::agent::{Agent, AgentOptions};
 use xtask::{
     grpc::{ClientReport, GrpcClient, Policy, StopHandle, Target},
     lab::Pod,
@@ -140,4 +141,20 @@ fn parse_labels(text: &str) -> Vec<(String, String)> {
         }
         labels.push((key.to_string(), value));
     }
+}
+
+/// Starts an agent on an ephemeral loopback port that polls every 20 ms, after `tune` adjusted
+/// the options, and waits until it is ready (startup recovery done).
+pub async fn start_agent_with(tune: impl FnOnce(&mut AgentOptions)) -> Agent {
+    let mut opts = AgentOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        poll_interval: Duration::from_millis(20),
+        ..AgentOptions::default()
+    };
+    tune(&mut opts);
+    let agent = Agent::start(opts).await.expect("agent starts");
+    tokio::time::timeout(Duration::from_secs(30), agent.ready())
+        .await
+        .expect("startup recovery finishes");
+    agent
 }
