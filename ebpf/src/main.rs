@@ -239,10 +239,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             }
             // The scanner's final figure travels with the close: user space reads no map.
             let key = H2Key::of_record(&rec);
-            if let Some(scan) = unsafe { H2.get(&key) } {
+            if let Some(scan) = unsafe { H2.get(key) } {
                 rec.h2 = scan.status();
                 rec.requests = scan.requests();
-                let _ = H2.remove(&key);
+                let _ = H2.remove(key);
             }
         }
         RecordKind::Accepted => {}
