@@ -40,13 +40,16 @@ enum Task {
         #[arg(long, default_value_t = 0)]
         watch: u64,
     },
-    /// Measure the tracer's cost on connection throughput and the balance metrics' scrape cost;
-    /// writes BENCHMARKS.md.
+    /// Measure what the tracer costs (throughput on/off, the kernel's BPF run times, daemon CPU),
+    /// record capacity, memory, API latency and the scrape cost; writes BENCHMARKS.md. Not part
+    /// of `test`.
     Bench {
-        #[arg(long, default_value_t = 7)]
+        /// Pairs of rounds without and with the daemon (at least 7 for a stable median).
+        #[arg(long, default_value_t = 8)]
         rounds: usize,
-        #[arg(long, default_value_t = 3000)]
-        conns: usize,
+        /// Connections per round.
+        #[arg(long, default_value_t = 20_000)]
+        conns: u64,
     },
     /// Build the release daemon and its container image without a container engine: an OCI
     /// image layout in <out>/oci and an OCI archive <out>/fanout-oci.tar.
@@ -180,12 +183,24 @@ fn main() -> Result<()> {
         Task::Bench { rounds, conns } => {
             setup::run()?;
             cargo(&["build", "--release", "--package", "fanout"])?;
+            // The load loop, compiled in release (xtask/src/bin/loadgen.rs).
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "xtask",
+                "--bin",
+                "loadgen",
+            ])?;
             let bin = target_dir().join("release/fanout");
             let scrape = cargo_stdout(&["bench", "--package", "fanout", "--bench", "scrape"])?;
             xtask::bench::run(
                 &bin,
-                rounds,
-                conns,
+                &target_dir().join("release/loadgen"),
+                &xtask::bench::Options {
+                    pairs: rounds,
+                    conns,
+                },
                 &scrape,
                 &workspace_root().join("BENCHMARKS.md"),
             )
@@ -537,7 +552,8 @@ fn show(daemon: &Daemon, lab_netns: &std::collections::HashSet<u32>) -> Result<(
     if code != 200 {
         bail!("/connections answered {code}: {body}");
     }
-    let conns: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+    let page: serde_json::Value = serde_json::from_str(&body)?;
+    let conns: Vec<serde_json::Value> = page["connections"].as_array().cloned().unwrap_or_default();
     println!();
     println!(
         "{:<15} {:<9} {:<21} {:<19} {:<37} {:<10} {:<12} {:>6}",

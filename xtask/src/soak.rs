@@ -215,7 +215,8 @@ fn table_rows(d: &Daemon, netns: u32) -> Result<BTreeSet<(String, String)>> {
     if code != 200 {
         bail!("/connections answered {code}: {body}");
     }
-    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let page: serde_json::Value = serde_json::from_str(&body)?;
+    let v = &page["connections"];
     let hex = |s: &str| -> Option<String> {
         let a: SocketAddr = s.parse().ok()?;
         Some(match a {
