@@ -54,12 +54,40 @@ pub struct KernelOffsets {
     pub socket_sk: u32,
 }
 
+/// Byte offsets in `struct sock` (`struct inet_sock`, which starts with it) of what the raw tracepoints read from the socket (the classic
+/// tracepoints carry these in their record). From BTF; a member that is a bitfield on some kernel
+/// leaves the raw tracepoints unused there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SockLayout {
+    /// `sk_protocol` (u16).
+    pub protocol: u16,
+    /// `__sk_common.skc_family` (u16).
+    pub family: u16,
+    /// `inet_sock.inet_sport`: the local port, network order (u16). Not `skc_num`, which the
+    /// kernel clears when it releases the port, before the close transition.
+    pub sport: u16,
+    /// `__sk_common.skc_dport`: the remote port, network order (u16).
+    pub dport: u16,
+    /// `inet_sock.inet_saddr` (4 bytes, network order), as the classic tracepoint reads it.
+    pub saddr: u16,
+    /// `__sk_common.skc_daddr` (4 bytes, network order).
+    pub daddr: u16,
+    /// `__sk_common.skc_v6_rcv_saddr` (16 bytes).
+    pub v6_rcv_saddr: u16,
+    /// `__sk_common.skc_v6_daddr` (16 bytes).
+    pub v6_daddr: u16,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Config {
     pub tp: TracepointLayout,
     pub offsets: KernelOffsets,
+    /// Used by the raw tracepoints only.
+    pub sk: SockLayout,
     /// Wake the reader once this many bytes are waiting in the ring buffer; below it records are
     /// submitted without a wakeup and the reader polls on a timer.
     pub wakeup_bytes: u64,
@@ -96,6 +124,16 @@ impl Config {
                 file_private_data: 0,
                 socket_sk: 0,
             },
+            sk: SockLayout {
+                protocol: 0,
+                family: 0,
+                sport: 0,
+                dport: 0,
+                saddr: 0,
+                daddr: 0,
+                v6_rcv_saddr: 0,
+                v6_daddr: 0,
+            },
             wakeup_bytes: 0,
         }
     }
@@ -111,6 +149,7 @@ mod tests {
     fn config_has_no_padding() {
         assert_eq!(core::mem::size_of::<super::TracepointLayout>(), 32);
         assert_eq!(core::mem::size_of::<super::KernelOffsets>(), 32);
-        assert_eq!(core::mem::size_of::<super::Config>(), 72);
+        assert_eq!(core::mem::size_of::<super::SockLayout>(), 16);
+        assert_eq!(core::mem::size_of::<super::Config>(), 88);
     }
 }

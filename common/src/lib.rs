@@ -10,5 +10,5 @@ pub mod h2;
 pub mod record;
 pub mod tcp;
 
-pub use config::{Config, KernelOffsets, TracepointLayout};
+pub use config::{Config, KernelOffsets, SockLayout, TracepointLayout};
 pub use record::{H2Key, LostReason, Record, RecordKind, SockState};

@@ -129,7 +129,8 @@ pub struct SockState {
     pub tgid: u32,
     pub tid: u32,
     pub comm: [u8; 16],
-    /// `Record::FLAG_OWNER_KNOWN` when the owner fields are valid.
+    /// `Record::FLAG_OWNER_KNOWN` when the owner fields are valid, `SockState::FLAG_PASSIVE` for
+    /// the server end of a connection.
     pub flags: u32,
     pub _pad: u32,
     /// Payload bytes and send/receive calls (`sock_sendmsg`/`sock_recvmsg`) since the socket was
@@ -141,6 +142,18 @@ pub struct SockState {
 }
 
 impl SockState {
+    /// The socket is the server end (a passive open): it sends no client preface, so its close
+    /// looks up no HTTP/2 state. Above the bits `Record::FLAG_*` use.
+    pub const FLAG_PASSIVE: u32 = 1 << 8;
+
+    /// State of the server end of a connection that established at `start_ns`, owner not known
+    /// until `accept()` returns it.
+    pub const fn passive(start_ns: u64) -> Self {
+        let mut st = Self::started(start_ns);
+        st.flags = Self::FLAG_PASSIVE;
+        st
+    }
+
     /// State of a socket that established at `start_ns`, owner not known (yet).
     pub const fn started(start_ns: u64) -> Self {
         SockState {

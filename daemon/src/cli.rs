@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// Wake the reader early once this many bytes wait in the ring buffer.
     #[arg(long, default_value_t = ProbeOptions::default().wakeup_bytes)]
     pub wakeup_bytes: u64,
+    /// Use the classic tracepoints even where the cheaper raw ones work (for comparison, or as a
+    /// way out should a kernel's raw tracepoint misbehave).
+    #[arg(long)]
+    pub classic_tracepoints: bool,
     /// Do not scan /proc for connections that predate the daemon (nor compare the table with the
     /// kernel's socket tables later).
     #[arg(long)]
@@ -150,6 +154,7 @@ impl RunArgs {
                 btf_path: self.btf.clone(),
                 cgroup_root: self.cgroup_root.clone(),
                 proc_root: self.proc_root.clone(),
+                classic_tracepoints: self.classic_tracepoints,
             },
             listen: self.listen,
             poll_interval: self.poll_interval,

@@ -87,12 +87,30 @@ fn assert_no_losses(agent: &Agent) {
 }
 
 /// K connections from pod0 to pod1: exactly K of each lifecycle step on each side, with the
-/// right namespaces, 4-tuples and owners, and nothing lost.
-async fn k_connections(v6: bool, k: usize) {
+/// right namespaces, 4-tuples and owners, and nothing lost; through the raw tracepoints (the
+/// default) or the classic ones (`--classic-tracepoints`, and the fallback where raw ones fail).
+async fn k_connections(v6: bool, k: usize, classic: bool) {
     require_root();
     let (lab, server) = lab::client_server(v6, k as u32).expect("lab");
     let client = lab.pod(0).clone();
-    let agent = start_agent().await;
+    let agent = start_agent_with(|o| o.probe.classic_tracepoints = classic).await;
+    let info = agent.shared().metrics.encode().expect("metrics encode");
+    let (want, not) = if classic {
+        ("tracepoint:sock/inet_sock_set_state", "raw_tracepoint:")
+    } else {
+        (
+            "raw_tracepoint:inet_sock_set_state",
+            "tracepoint:sock/inet_sock",
+        )
+    };
+    let build = info
+        .lines()
+        .find(|l| l.starts_with("fanout_build_info{"))
+        .expect("fanout_build_info");
+    assert!(
+        build.contains(want) && !build.contains(not),
+        "hooks in {build}"
+    );
     let mut rx = agent.subscribe();
     let to = server.addr;
     let locals = tokio::task::spawn_blocking(move || {
@@ -138,6 +156,16 @@ async fn k_connections(v6: bool, k: usize) {
         })
         .collect();
     assert_eq!(established, want_locals, "client 4-tuples");
+    // Closes carry the connection's tuple too (the kernel has released the local port by then).
+    let closed: BTreeSet<SocketAddr> = events
+        .iter()
+        .filter(|e| e.kind == RecordKind::Close && e.netns == cn)
+        .map(|e| {
+            assert_eq!(e.remote, to, "client close remote is the server");
+            e.local
+        })
+        .collect();
+    assert_eq!(closed, want_locals, "client close 4-tuples");
     let accepted_remotes: BTreeSet<SocketAddr> = events
         .iter()
         .filter(|e| e.kind == RecordKind::PassiveOpen)
@@ -181,12 +209,18 @@ async fn k_connections(v6: bool, k: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k_ipv4_connections_are_reported_exactly() {
-    k_connections(false, 200).await;
+    k_connections(false, 200, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k_ipv6_connections_are_reported_exactly() {
-    k_connections(true, 50).await;
+    k_connections(true, 50, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_connections_through_the_classic_tracepoints_are_reported_exactly() {
+    k_connections(false, 100, true).await;
+    k_connections(true, 30, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,14 +18,15 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::bpf_sock,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_sk_fullsock, bpf_skb_load_bytes,
     },
-    macros::{cgroup_skb, map, tracepoint},
+    macros::{cgroup_skb, map, raw_tracepoint, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SkBuffContext, TracePointContext},
+    programs::{RawTracePointContext, SkBuffContext, TracePointContext},
 };
 use aya_log_ebpf::{debug, warn};
 use fanout_common::{
@@ -84,7 +85,7 @@ fn count_lost(reason: LostReason) {
 
 /// Inserts per-socket state; a full map is counted and logged.
 #[inline(always)]
-fn remember(ctx: &TracePointContext, sk: u64, st: &SockState) {
+fn remember<C: EbpfContext>(ctx: &C, sk: u64, st: &SockState) {
     if SOCKS.insert(sk, st, 0).is_err() {
         count_lost(LostReason::SockMapFull);
         warn!(
@@ -158,6 +159,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// The classic tracepoint: every field comes from the trace record, one helper call each.
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let cfg = config();
     let tp = cfg.tp;
@@ -175,9 +177,6 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let family: u16 = unsafe { ctx.read_at(tp.family as usize)? };
 
     let mut rec = Record::zeroed();
-    rec.ts_ns = unsafe { bpf_ktime_get_ns() };
-    rec.sock = sk;
-    rec.kind = kind as u8;
     rec.sport = unsafe { ctx.read_at(tp.sport as usize)? };
     rec.dport = unsafe { ctx.read_at(tp.dport as usize)? };
     if family == AF_INET {
@@ -193,7 +192,74 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         return Ok(());
     }
-    rec.netns = netns_of(sk, &cfg);
+    lifecycle(ctx, &cfg, kind, sk, rec)
+}
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
+    // Errors here are failed reads of the socket; there is nothing to report.
+    let _ = try_set_state_raw(&ctx);
+    0
+}
+
+/// Reads `*(base + off)` from kernel memory.
+#[inline(always)]
+fn read_kernel<T>(base: u64, off: u16) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel tolerates bad addresses and reports an error instead.
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
+}
+
+/// The raw tracepoint (`TP_PROTO(const struct sock *sk, int oldstate, int newstate)`): the
+/// kernel builds no trace record, and the states are plain loads from the arguments, so the
+/// transitions fanout ignores (4 of the 10 runs of a short connection) cost a few instructions.
+/// The socket's fields are read only for the ones it reports.
+fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i32> {
+    let oldstate = ctx.arg::<u64>(1) as i32;
+    let newstate = ctx.arg::<u64>(2) as i32;
+    let Some(kind) = classify(oldstate, newstate) else {
+        return Ok(());
+    };
+    let sk: u64 = ctx.arg(0);
+    let cfg = config();
+    let off = cfg.sk;
+    if read_kernel::<u16>(sk, off.protocol)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let family: u16 = read_kernel(sk, off.family)?;
+    let mut rec = Record::zeroed();
+    rec.sport = u16::from_be(read_kernel(sk, off.sport)?);
+    rec.dport = u16::from_be(read_kernel(sk, off.dport)?);
+    if family == AF_INET {
+        rec.ip_version = 4;
+        let s: [u8; 4] = read_kernel(sk, off.saddr)?;
+        let d: [u8; 4] = read_kernel(sk, off.daddr)?;
+        rec.saddr[..4].copy_from_slice(&s);
+        rec.daddr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        rec.ip_version = 6;
+        rec.saddr = read_kernel(sk, off.v6_rcv_saddr)?;
+        rec.daddr = read_kernel(sk, off.v6_daddr)?;
+    } else {
+        return Ok(());
+    }
+    lifecycle(ctx, &cfg, kind, sk, rec)
+}
+
+/// What both forms of the lifecycle hook do with a transition they report: `rec` carries the
+/// addresses and ports; this adds time, socket, namespace, owner and counters, keeps `SOCKS` and
+/// `H2` in step, and emits.
+#[inline(always)]
+fn lifecycle<C: EbpfContext>(
+    ctx: &C,
+    cfg: &Config,
+    kind: RecordKind,
+    sk: u64,
+    mut rec: Record,
+) -> Result<(), i32> {
+    rec.ts_ns = unsafe { bpf_ktime_get_ns() };
+    rec.sock = sk;
+    rec.kind = kind as u8;
+    rec.netns = netns_of(sk, cfg);
 
     match kind {
         RecordKind::Connect => {
@@ -219,9 +285,12 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         RecordKind::PassiveOpen => {
             // Usually softirq context: the current task is not the owner. accept() tells.
-            remember(ctx, sk, &SockState::started(rec.ts_ns));
+            remember(ctx, sk, &SockState::passive(rec.ts_ns));
         }
         RecordKind::ConnectFailed | RecordKind::Close => {
+            // Only the client end of an established connection can have HTTP/2 state; the
+            // server end and a failed connect skip the lookup.
+            let mut dialled = kind == RecordKind::Close;
             if let Some(st) = SOCKS.get_ptr(sk) {
                 // SAFETY: map value pointer from a successful lookup; copied before removal.
                 let st = unsafe { *st };
@@ -235,14 +304,17 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 rec.bytes_recv = st.bytes_recv;
                 rec.msgs_sent = st.msgs_sent;
                 rec.msgs_recv = st.msgs_recv;
+                dialled &= st.flags & SockState::FLAG_PASSIVE == 0;
                 let _ = SOCKS.remove(sk);
             }
             // The scanner's final figure travels with the close: user space reads no map.
-            let key = H2Key::of_record(&rec);
-            if let Some(scan) = unsafe { H2.get(key) } {
-                rec.h2 = scan.status();
-                rec.requests = scan.requests();
-                let _ = H2.remove(key);
+            if dialled {
+                let key = H2Key::of_record(&rec);
+                if let Some(scan) = unsafe { H2.get(key) } {
+                    rec.h2 = scan.status();
+                    rec.requests = scan.requests();
+                    let _ = H2.remove(key);
+                }
             }
         }
         RecordKind::Accepted => {}
@@ -364,8 +436,41 @@ fn try_msg_length(ctx: &TracePointContext, sent: bool) -> Result<(), i32> {
         }
     }
     let sk: u64 = unsafe { ctx.read_at(tp.msg_sk as usize)? };
+    count_msg(sk, sent, ret);
+    Ok(())
+}
+
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn sock_send_length_raw(ctx: RawTracePointContext) -> i32 {
+    msg_length_raw(&ctx, true);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn sock_recv_length_raw(ctx: RawTracePointContext) -> i32 {
+    msg_length_raw(&ctx, false);
+    0
+}
+
+/// The raw tracepoints (`TP_PROTO(struct sock *sk, int ret, int flags)`): three plain loads and a
+/// lookup. No protocol read: only TCP sockets the lifecycle hook saw have an entry.
+#[inline(always)]
+fn msg_length_raw(ctx: &RawTracePointContext, sent: bool) {
+    let ret = ctx.arg::<u64>(1) as i32;
+    if ret <= 0 {
+        return;
+    }
+    if !sent && (ctx.arg::<u64>(2) as i32) & MSG_PEEK != 0 {
+        return;
+    }
+    count_msg(ctx.arg(0), sent, ret);
+}
+
+/// Adds one call of `ret` bytes to a tracked socket's counters.
+#[inline(always)]
+fn count_msg(sk: u64, sent: bool, ret: i32) {
     let Some(st) = SOCKS.get_ptr_mut(sk) else {
-        return Ok(());
+        return;
     };
     // SAFETY: map value pointer from a successful lookup.
     let st = unsafe { &mut *st };
@@ -376,7 +481,6 @@ fn try_msg_length(ctx: &TracePointContext, sent: bool) -> Result<(), i32> {
         add(&mut st.bytes_recv, ret as u64);
         add(&mut st.msgs_recv, 1);
     }
-    Ok(())
 }
 
 const IPPROTO_TCP_U8: u8 = 6;
@@ -459,20 +563,8 @@ fn socket_key(sk: *const bpf_sock) -> Option<H2Key> {
 }
 
 fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
-    // SAFETY: reading the context's socket pointer; the verifier checks the access.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return Ok(());
-    }
-    // SAFETY: helper call on the context's socket; NULL for request and timewait sockets, which
-    // send no payload.
-    let sk = unsafe { bpf_sk_fullsock(sk) };
-    if sk.is_null() {
-        return Ok(());
-    }
-    let Some(key) = socket_key(sk) else {
-        return Ok(());
-    };
+    // Cheapest test first: most packets (SYN, ACK, FIN, RST) carry no payload, and those cost
+    // three header reads and nothing else: no socket fields, no map lookup.
     let vihl: u8 = ctx.load(0)?;
     let l4 = match vihl >> 4 {
         4 => {
@@ -490,15 +582,27 @@ fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
         }
         _ => return Ok(()),
     };
-    let l4 = l4 as usize;
-    let seq = u32::from_be(ctx.load(l4 + 4)?);
-    let doff: u8 = ctx.load(l4 + 12)?;
-    let payload_off = l4 as u32 + ((doff >> 4) as u32) * 4;
+    let doff: u8 = ctx.load(l4 as usize + 12)?;
+    let payload_off = l4 + ((doff >> 4) as u32) * 4;
     let len = ctx.len();
     if len <= payload_off {
         return Ok(());
     }
     let plen = len - payload_off;
+    // SAFETY: reading the context's socket pointer; the verifier checks the access.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return Ok(());
+    }
+    // SAFETY: helper call on the context's socket; NULL for request and timewait sockets, which
+    // send no payload.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return Ok(());
+    }
+    let Some(key) = socket_key(sk) else {
+        return Ok(());
+    };
     // Connections the lifecycle program saw dialled have an entry. One whose establishment it
     // did not see (the kernel skips a tracepoint run while another BPF program runs on the CPU)
     // gets one here, but only at a client preface: other traffic never inserts.
@@ -517,6 +621,7 @@ fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
     if !st.parsable() {
         return Ok(());
     }
+    let seq = u32::from_be(ctx.load(l4 as usize + 4)?);
     let skb = ctx.skb.skb;
     st.scan_segment(seq, plen, |start, window| {
         // SAFETY: the helper writes exactly window.len() bytes into `window`.

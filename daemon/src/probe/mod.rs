@@ -18,9 +18,9 @@ use std::{os::fd::AsFd as _, path::PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint},
 };
-use fanout_common::{Config, H2Key, KernelOffsets, LostReason, SockState, h2::H2Scan};
+use fanout_common::{Config, H2Key, KernelOffsets, LostReason, SockLayout, SockState, h2::H2Scan};
 
 use crate::features::Feature;
 
@@ -84,6 +84,9 @@ pub struct ProbeOptions {
     pub cgroup_root: Option<PathBuf>,
     /// The host's /proc (for /proc/1/root, the host init's view of the cgroup2 mount).
     pub proc_root: PathBuf,
+    /// Use the classic tracepoints even where raw ones work (they cost more per run: the kernel
+    /// builds a trace record and every field is a helper call). For comparison and as a way out.
+    pub classic_tracepoints: bool,
 }
 
 impl Default for ProbeOptions {
@@ -95,6 +98,7 @@ impl Default for ProbeOptions {
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             cgroup_root: None,
             proc_root: PathBuf::from("/proc"),
+            classic_tracepoints: false,
         }
     }
 }
@@ -199,6 +203,26 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     })
 }
 
+/// Offsets in `struct sock` / `struct inet_sock` (which starts with it) of the fields the raw
+/// tracepoints read, the ones the classic tracepoint copies into its record, from BTF (u16: they
+/// are all in the first kilobytes of the struct).
+pub fn sock_layout(btf: &Btf) -> Result<SockLayout, BtfError> {
+    let at = |strukt: &str, path: &str| -> Result<u16, BtfError> {
+        let off = btf.member_offset(strukt, path)?;
+        u16::try_from(off).map_err(|_| BtfError::Bitfield(format!("{strukt}.{path} at {off}")))
+    };
+    Ok(SockLayout {
+        protocol: at("sock", "sk_protocol")?,
+        family: at("sock", "__sk_common.skc_family")?,
+        sport: at("inet_sock", "inet_sport")?,
+        dport: at("sock", "__sk_common.skc_dport")?,
+        saddr: at("inet_sock", "inet_saddr")?,
+        daddr: at("sock", "__sk_common.skc_daddr")?,
+        v6_rcv_saddr: at("sock", "__sk_common.skc_v6_rcv_saddr")?,
+        v6_daddr: at("sock", "__sk_common.skc_v6_daddr")?,
+    })
+}
+
 /// The loaded, attached programs. Dropping it detaches everything.
 pub struct Probe {
     ebpf: Ebpf,
@@ -252,9 +276,20 @@ impl Probe {
         };
         let mut plan = HookPlan::choose(kernel.clone())?;
         let btf = Btf::from_file(&opts.btf_path)?;
+        // The raw tracepoints read the socket's fields themselves; without their offsets the
+        // classic tracepoints (whose record carries them) are the way.
+        let sk_layout = match (opts.classic_tracepoints, sock_layout(&btf)) {
+            (true, _) => None,
+            (false, Ok(l)) => Some(l),
+            (false, Err(e)) => {
+                tracing::warn!(error = %e, "socket layout not in BTF; using the classic tracepoints, which cost more per run");
+                None
+            }
+        };
         let config = Config {
             tp: tracefs::layout(&root, plan.accept_owner.is_some(), plan.counters.is_some())?,
             offsets: kernel_offsets(&btf)?,
+            sk: sk_layout.unwrap_or(Config::zeroed().sk),
             wakeup_bytes: opts.wakeup_bytes,
         };
         drop(btf);
@@ -275,11 +310,18 @@ impl Probe {
                 None
             }
         };
-        attach(
+        plan.lifecycle = attach_either(
             &mut ebpf,
-            "inet_sock_set_state",
-            "sock",
-            "inet_sock_set_state",
+            sk_layout.is_some(),
+            (
+                "inet_sock_set_state_raw",
+                "raw_tracepoint:inet_sock_set_state",
+            ),
+            (
+                "inet_sock_set_state",
+                "sock",
+                "tracepoint:sock/inet_sock_set_state",
+            ),
         )?;
         let mut outcomes = Vec::new();
         let kernel_fix = "a kernel with these tracepoints (Linux 4.16 or later with \
@@ -312,22 +354,34 @@ impl Probe {
                 reason: "sock/sock_{send,recv}_length tracepoints missing from this kernel".into(),
                 fix: "Linux 6.2 or later".into(),
             },
-            Some(hook) => [
-                ("sock_send_length", "sock_send_length"),
-                ("sock_recv_length", "sock_recv_length"),
-            ]
-            .into_iter()
-            .try_for_each(|(name, tp)| attach(&mut ebpf, name, "sock", tp))
-            .map_or_else(
-                |e| {
-                    plan.counters = None;
-                    Outcome::Off {
-                        reason: e.to_string(),
-                        fix: "see the error; CAP_PERFMON attaches tracepoints".into(),
+            Some(_) => {
+                let attached = [
+                    ("sock_send_length_raw", "sock_send_length"),
+                    ("sock_recv_length_raw", "sock_recv_length"),
+                ]
+                .into_iter()
+                .try_fold("", |_, (raw, classic)| {
+                    attach_either(
+                        &mut ebpf,
+                        !opts.classic_tracepoints,
+                        (raw, "raw_tracepoint:sock_{send,recv}_length"),
+                        (classic, "sock", "tracepoint:sock/sock_{send,recv}_length"),
+                    )
+                });
+                match attached {
+                    Ok(hook) => {
+                        plan.counters = Some(hook);
+                        Outcome::On(hook.into())
                     }
-                },
-                |()| Outcome::On(hook.into()),
-            ),
+                    Err(e) => {
+                        plan.counters = None;
+                        Outcome::Off {
+                            reason: e.to_string(),
+                            fix: "see the error; CAP_PERFMON attaches tracepoints".into(),
+                        }
+                    }
+                }
+            }
         };
         outcomes.push((Feature::ByteCounters, counters));
         let h2 = attach_h2(&mut ebpf, opts, held);
@@ -435,8 +489,12 @@ impl Probe {
 }
 
 /// Programs whose runs emit lifecycle records: a run the kernel skipped may be a lost record.
-pub const RECORD_PROGRAMS: [&str; 3] =
-    ["inet_sock_set_state", "sys_exit_accept4", "sys_exit_accept"];
+pub const RECORD_PROGRAMS: [&str; 4] = [
+    "inet_sock_set_state_raw",
+    "inet_sock_set_state",
+    "sys_exit_accept4",
+    "sys_exit_accept",
+];
 
 /// A `name:\tvalue` field of a BPF object's fdinfo text.
 pub fn fdinfo_field(text: &str, name: &str) -> Option<u64> {
@@ -467,6 +525,35 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, category: &str, tp: &str) -> Resu
     prog.load().map_err(program_err(name))?;
     prog.attach(category, tp).map_err(program_err(name))?;
     Ok(())
+}
+
+/// Attaches the raw tracepoint form of a hook when `raw` (falling back to the classic form, with a
+/// warning, if the kernel refuses it), else the classic form. Returns the hook's description.
+fn attach_either(
+    ebpf: &mut Ebpf,
+    raw: bool,
+    (raw_name, raw_hook): (&'static str, &'static str),
+    (name, category, hook): (&'static str, &str, &'static str),
+) -> Result<&'static str, ProbeError> {
+    if raw {
+        let attached = (|| {
+            let prog: &mut RawTracePoint = program(ebpf, raw_name)?;
+            prog.load().map_err(program_err(raw_name))?;
+            // The raw tracepoint's name is the classic one's (the same TRACE_EVENT).
+            prog.attach(name).map_err(program_err(raw_name))?;
+            Ok::<_, ProbeError>(())
+        })();
+        match attached {
+            Ok(()) => return Ok(raw_hook),
+            Err(e) => tracing::warn!(
+                error = %e,
+                hook,
+                "raw tracepoint refused; using the classic tracepoint, which costs more per run"
+            ),
+        }
+    }
+    attach(ebpf, name, category, name)?;
+    Ok(hook)
 }
 
 fn attach_cgroup_skb(
@@ -641,5 +728,17 @@ mod tests {
         let off = kernel_offsets(&btf).unwrap();
         assert!(off.sock_net > 0);
         assert_eq!(off.socket_sk % 8, 0);
+        // The raw tracepoints' socket fields: sock_common at the head of struct sock, the
+        // inet_sock fields after it.
+        let sk = sock_layout(&btf).unwrap();
+        assert_eq!((sk.daddr, sk.saddr % 4, sk.sport % 2), (0, 0, 0), "{sk:?}");
+        assert!(
+            sk.family < 32 && sk.dport < 32 && sk.v6_daddr < 128,
+            "{sk:?}"
+        );
+        assert!(
+            sk.protocol > sk.v6_rcv_saddr && sk.sport > sk.protocol,
+            "{sk:?}"
+        );
     }
 }
