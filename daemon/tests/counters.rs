@@ -92,8 +92,13 @@ async fn bytes_messages_and_grpc_requests_are_counted_exactly() {
 
     let calls = 25;
     let h2_writes = h2c_writes(calls);
+    // A TLS client's first record is a handshake record holding a ClientHello (type 1); the
+    // rest are application data records.
     let tls_writes: Vec<Vec<u8>> = (0..5)
-        .map(|i| vec![0x16, 0x03, 0x01, 0x00, 0x04, i, i, i, i])
+        .map(|i| match i {
+            0 => vec![0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0x00, 0x00],
+            _ => vec![0x17, 0x03, 0x03, 0x00, 0x04, i, i, i, i],
+        })
         .collect();
     let to = server.addr;
     let (mut h2c, mut tls, sent_h2, sent_tls) = lab

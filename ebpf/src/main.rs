@@ -55,12 +55,12 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map]
 static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
-/// HTTP/2 request counting state of the egress of every connection dialled while the tracer ran,
-/// keyed by the socket's own addresses (never the packet's, which NAT in the client's namespace
-/// may have rewritten). The lifecycle program creates an entry when a connection it saw dialled
-/// establishes and takes it, final count included, into the close record; the egress scanner
-/// only inserts one at a client preface it finds without an entry, so other traffic costs a
-/// lookup and never an entry. LRU: an entry whose close was missed is evicted in time.
+/// HTTP/2 request counting state of the egress of client connections, keyed by the socket's own
+/// addresses (never the packet's, which NAT in the client's namespace may have rewritten). The
+/// egress scanner creates an entry at a connection's first payload when it is an HTTP/2 preface
+/// or a TLS ClientHello (so other traffic costs a lookup and never an entry); the lifecycle
+/// program takes it, final count included, into the close record. LRU: an entry whose close was
+/// missed is evicted in time.
 #[map]
 static H2: LruHashMap<H2Key, H2Scan> = LruHashMap::with_max_entries(16384, 0);
 
@@ -279,9 +279,6 @@ fn lifecycle<C: EbpfContext>(
                     remember(ctx, sk, &SockState::started(rec.ts_ns));
                 }
             }
-            // A connection dialled from here: its egress is scanned for HTTP/2 requests from its
-            // first byte (the preface).
-            let _ = H2.insert(H2Key::of_record(&rec), H2Scan::new(), 0);
         }
         RecordKind::PassiveOpen => {
             // Usually softirq context: the current task is not the owner. accept() tells.
@@ -603,13 +600,21 @@ fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
     let Some(key) = socket_key(sk) else {
         return Ok(());
     };
-    // Connections the lifecycle program saw dialled have an entry. One whose establishment it
-    // did not see (the kernel skips a tracepoint run while another BPF program runs on the CPU)
-    // gets one here, but only at a client preface: other traffic never inserts.
+    // A connection gets an entry at its first payload, and only when that is what a client sends
+    // first: the HTTP/2 preface, or a TLS ClientHello (which the scanner marks `tls` at once, so
+    // that the figure says why it fell back to messages). Every other connection, the server ends
+    // and other protocols, costs one lookup per payload packet and never an entry.
     let st = match H2.get_ptr_mut(key) {
         Some(p) => p,
         None => {
-            if plen < 4 || ctx.load::<[u8; 4]>(payload_off as usize)? != *b"PRI " {
+            if plen < 6 {
+                return Ok(());
+            }
+            let head: [u8; 6] = ctx.load(payload_off as usize)?;
+            let preface = head[..4] == *b"PRI ";
+            // Record type handshake (22), then version (2), length (2), handshake type 1.
+            let client_hello = head[0] == 0x16 && head[1] == 0x03 && head[5] == 0x01;
+            if !preface && !client_hello {
                 return Ok(());
             }
             H2.insert(key, H2Scan::new(), 0)?;
