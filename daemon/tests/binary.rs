@@ -39,6 +39,8 @@ use xtask::{http, lab};
 enum Hook {
     /// A tracepoint, by its event name: a perf_event link.
     Tracepoint(&'static str),
+    /// A raw tracepoint, by its name: a raw_tracepoint link.
+    RawTracepoint(&'static str),
     /// cgroup_skb egress on the host's cgroup v2 root: a cgroup link.
     CgroupEgress,
 }
@@ -46,13 +48,19 @@ enum Hook {
 /// Every program the daemon loads and attaches on this kernel, by program name.
 const EXPECTED: [(&str, Hook); 6] = [
     (
-        "inet_sock_set_state",
-        Hook::Tracepoint("inet_sock_set_state"),
+        "inet_sock_set_state_raw",
+        Hook::RawTracepoint("inet_sock_set_state"),
     ),
     ("sys_exit_accept4", Hook::Tracepoint("sys_exit_accept4")),
     ("sys_exit_accept", Hook::Tracepoint("sys_exit_accept")),
-    ("sock_send_length", Hook::Tracepoint("sock_send_length")),
-    ("sock_recv_length", Hook::Tracepoint("sock_recv_length")),
+    (
+        "sock_send_length_raw",
+        Hook::RawTracepoint("sock_send_length"),
+    ),
+    (
+        "sock_recv_length_raw",
+        Hook::RawTracepoint("sock_recv_length"),
+    ),
     ("h2_egress", Hook::CgroupEgress),
 ];
 
@@ -307,7 +315,9 @@ fn record_attached(pid: u32, root: &CgroupRoot) -> Attached {
                 held.links.values().any(|l| {
                     l.prog_id == *id
                         && match hook {
-                            Hook::Tracepoint(tp) => l.tp_name.as_deref() == Some(tp),
+                            Hook::Tracepoint(tp) | Hook::RawTracepoint(tp) => {
+                                l.tp_name.as_deref() == Some(tp)
+                            }
                             Hook::CgroupEgress => l.link_type == "cgroup",
                         }
                 })
@@ -321,6 +331,7 @@ fn record_attached(pid: u32, root: &CgroupRoot) -> Attached {
         let ty = kprogs[&id]["type"].as_str().unwrap_or("");
         let want_ty = match hook {
             Hook::Tracepoint(_) => "tracepoint",
+            Hook::RawTracepoint(_) => "raw_tracepoint",
             Hook::CgroupEgress => "cgroup_skb",
         };
         assert_eq!(ty, want_ty, "program {name} (id {id}) type");
@@ -345,6 +356,14 @@ fn record_attached(pid: u32, root: &CgroupRoot) -> Attached {
                     fd.event_type.as_deref(),
                     Some("tracepoint"),
                     "{name}: {fd:?}"
+                );
+                assert_eq!(fd.tp_name.as_deref(), Some(tp), "{name}: {fd:?}");
+            }
+            Hook::RawTracepoint(tp) => {
+                assert_eq!(k["type"], "raw_tracepoint", "link {link_id} of {name}: {k}");
+                assert_eq!(
+                    fd.link_type, "raw_tracepoint",
+                    "link {link_id} of {name}: {fd:?}"
                 );
                 assert_eq!(fd.tp_name.as_deref(), Some(tp), "{name}: {fd:?}");
             }
@@ -692,7 +711,7 @@ fn teardown_check_names_what_outlives_the_daemon() {
     let root = cgroup_root();
     let (mut daemon, _) = start_daemon();
     let att = record_attached(daemon.0.id(), &root);
-    let tp_link = att.link_of["sock_send_length"];
+    let tp_link = att.link_of["sys_exit_accept4"];
     let cg_link = att.link_of["h2_egress"];
     let leaked = [grab_link(tp_link), grab_link(cg_link)];
     let status = kill_and_reap(&mut daemon, libc::SIGKILL);
@@ -702,7 +721,7 @@ fn teardown_check_names_what_outlives_the_daemon() {
     for must in [
         format!("{tp_link} (perf_event link of program {tp_prog})"),
         format!("{cg_link} (cgroup link of program {})", att.h2),
-        format!("{tp_prog} (sock_send_length)"),
+        format!("{tp_prog} (sys_exit_accept4)"),
         format!("{} (h2_egress)", att.h2),
         "STILL ATTACHED".to_string(),
     ] {
