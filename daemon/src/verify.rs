@@ -1123,6 +1123,7 @@ mod tests {
             backends,
             verdict,
             reason: format!("the agent's reason for {verdict}"),
+            advice: None,
         }
     }
 

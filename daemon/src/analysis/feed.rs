@@ -77,6 +77,43 @@ pub fn ready_backends(inv: &Inventory) -> Vec<(ObjectRef, Vec<ObjectRef>)> {
         .collect()
 }
 
+/// Every service with what the advice needs: headless or not, and for a ClusterIP service its
+/// headless twin (a headless service of the same namespace whose backend pods are the same, the
+/// first by name if several).
+pub fn service_facts(inv: &Inventory) -> Vec<(ObjectRef, super::ServiceFacts)> {
+    let pods = |s: &crate::identity::model::Service| -> Vec<ObjectRef> {
+        let mut v: Vec<ObjectRef> = s.endpoints.iter().filter_map(|e| e.pod.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let services = inv.services();
+    services
+        .iter()
+        .map(|s| {
+            let headless = s.headless();
+            let twin = if headless {
+                None
+            } else {
+                let mine = pods(s);
+                services
+                    .iter()
+                    .filter(|t| t.headless() && t.namespace == s.namespace)
+                    .filter(|t| !mine.is_empty() && pods(t) == mine)
+                    .map(|t| t.name.clone())
+                    .min()
+            };
+            (
+                s.id(),
+                super::ServiceFacts {
+                    headless,
+                    headless_twin: twin,
+                },
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +201,33 @@ mod tests {
         let ready = ready_backends(&inv);
         assert_eq!(ready.len(), 1);
         assert_eq!(ready[0].1.len(), 2);
+    }
+
+    #[test]
+    fn a_cluster_ip_service_learns_its_headless_twin() {
+        let b = [("b1", "10.244.0.3"), ("b2", "10.244.0.4")];
+        let inv = Inventory::new(
+            vec![
+                pod("shop", "b1", "10.244.0.3"),
+                pod("shop", "b2", "10.244.0.4"),
+            ],
+            vec![
+                service("shop", "api", Some("10.96.0.10"), &b),
+                service("shop", "api-headless", None, &b),
+                // Same pods, other namespace: not a twin.
+                service("other", "api-headless", None, &b),
+                // Headless over one of the two pods: not a twin either.
+                service("shop", "api-one", None, &b[..1]),
+            ],
+        );
+        let facts: std::collections::BTreeMap<ObjectRef, super::super::ServiceFacts> =
+            service_facts(&inv).into_iter().collect();
+        let api = &facts[&ObjectRef::new("shop", "api")];
+        assert_eq!(
+            (api.headless, api.headless_twin.as_deref()),
+            (false, Some("api-headless"))
+        );
+        let twin = &facts[&ObjectRef::new("shop", "api-headless")];
+        assert_eq!((twin.headless, twin.headless_twin.as_deref()), (true, None));
     }
 }

@@ -65,7 +65,7 @@ use serde::{Deserialize, Serialize};
 
 use self::window::{BackendBucket, KeyBucket, Ring, lifetime_bucket};
 pub use self::{
-    verdict::{Thresholds, Verdict, classify, pct, secs},
+    verdict::{ServiceFacts, Thresholds, Verdict, advise, classify, pct, secs},
     window::{LIFETIME_BOUNDS_SECONDS, LifetimeHistogram},
 };
 use crate::identity::model::ObjectRef;
@@ -291,7 +291,12 @@ pub struct Balance {
     pub messages_received: u64,
     pub backends: Vec<BackendBalance>,
     pub verdict: Verdict,
+    /// The verdict's reason in words, ending with the advice when there is one.
     pub reason: String,
+    /// The fix for the verdict ([`verdict::advise`]); None for `round_robin` and
+    /// `insufficient_data`.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub advice: Option<String>,
 }
 
 impl Balance {
@@ -427,6 +432,8 @@ struct ServiceState {
     /// Ready backends and since when.
     ready: BTreeMap<ObjectRef, Nanos>,
     gone_since: Option<Nanos>,
+    /// What the advice needs to know about the service.
+    facts: ServiceFacts,
 }
 
 /// The analysis engine. See the module documentation.
@@ -908,6 +915,11 @@ impl Analyzer {
         st.gone_since = None;
     }
 
+    /// Replaces what the advice knows about a service (headless, its headless twin).
+    pub fn set_service_facts(&mut self, service: &ObjectRef, facts: ServiceFacts) {
+        self.services.entry(service.clone()).or_default().facts = facts;
+    }
+
     /// The service is gone from the inventory: its keys are dropped after the grace period.
     pub fn service_gone(&mut self, service: &ObjectRef, now: Nanos) {
         let st = self.services.entry(service.clone()).or_default();
@@ -1198,10 +1210,20 @@ impl Analyzer {
             backends,
             verdict: Verdict::InsufficientData,
             reason: String::new(),
+            advice: None,
         };
         let (verdict, reason) = classify(&balance, &self.cfg.thresholds, self.cfg.window);
+        let facts = self
+            .services
+            .get(&key.service)
+            .map(|s| s.facts.clone())
+            .unwrap_or_default();
+        balance.advice = advise(verdict, &balance, &facts);
         balance.verdict = verdict;
-        balance.reason = reason;
+        balance.reason = match &balance.advice {
+            Some(fix) => format!("{reason}. Fix: {fix}"),
+            None => reason,
+        };
         balance
     }
 }

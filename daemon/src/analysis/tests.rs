@@ -189,11 +189,159 @@ fn pick_first_pins_one_backend() {
     assert!((b.coverage.unwrap() - 1.0 / 3.0).abs() < 1e-9);
     assert!((b.skew.unwrap() - 3.0).abs() < 1e-9);
     assert_eq!(b.top_backend().unwrap().name, "pricing-2");
-    assert_eq!(
-        b.reason,
-        "one backend (pricing-2) took 100% of 1000 requests over 1 connection(s) living 30 s on \
-         average while 3 backends are ready"
+    assert!(
+        b.reason.starts_with(
+            "one backend (pricing-2) took 100% of 1000 requests over 1 connection(s) living 30 s \
+             on average while 3 backends are ready. Fix: pricing is a ClusterIP service, which \
+             balances connections, not calls."
+        ),
+        "{}",
+        b.reason
     );
+    let advice = b.advice.as_deref().expect("pick_first carries advice");
+    assert!(b.reason.ends_with(advice), "{}", b.reason);
+    assert!(advice.contains("round_robin"), "{advice}");
+    assert!(
+        advice.contains("there is none yet"),
+        "no headless twin known: {advice}"
+    );
+}
+
+#[test]
+fn advice_names_the_headless_twin_and_round_robin_needs_none() {
+    let mut a = analyzer();
+    a.set_ready_backends(&svc(), backends(3), 0);
+    a.set_service_facts(
+        &svc(),
+        ServiceFacts {
+            headless: false,
+            headless_twin: Some("pricing-headless".into()),
+        },
+    );
+    let mut s = Script::default();
+    s.open(0, 1, "pricing-2", 40000);
+    for sec in 1..=30 {
+        s.sample(sec * S, 1, 1000 * sec / 30);
+    }
+    s.run(&mut a, 30 * S);
+    let b = balance(&a, 30 * S);
+    assert_eq!(b.verdict, Verdict::PickFirst, "{}", b.reason);
+    let advice = b.advice.expect("advice");
+    assert!(
+        advice.contains(
+            "the headless service pricing-headless \
+             (`dns:///pricing-headless.shop.svc.cluster.local:<port>`)"
+        ),
+        "{advice}"
+    );
+
+    // The same client on the headless service itself: no ClusterIP sermon, its own name.
+    a.set_service_facts(
+        &svc(),
+        ServiceFacts {
+            headless: true,
+            headless_twin: None,
+        },
+    );
+    let b = balance(&a, 30 * S);
+    let advice = b.advice.expect("advice");
+    assert!(!advice.contains("ClusterIP"), "{advice}");
+    assert!(
+        advice.contains("dns:///pricing.shop.svc.cluster.local"),
+        "{advice}"
+    );
+
+    // round_robin and insufficient_data: nothing to fix.
+    let mut a = analyzer();
+    a.set_ready_backends(&svc(), backends(3), 0);
+    let mut s = Script::default();
+    for id in 1..=3u64 {
+        s.open(0, id, &format!("pricing-{id}"), 40000 + id as u16);
+    }
+    for sec in 1..=40 {
+        for id in 1..=3 {
+            s.sample(sec * S, id, 11 * sec);
+        }
+    }
+    s.run(&mut a, 40 * S);
+    let b = balance(&a, 40 * S);
+    assert_eq!(
+        (b.verdict, b.advice),
+        (Verdict::RoundRobin, None),
+        "{}",
+        b.reason
+    );
+    assert!(!b.reason.contains("Fix:"), "{}", b.reason);
+}
+
+#[test]
+fn a_tls_client_dialling_per_call_is_dial_per_request() {
+    // The TLS twin of dial_per_request: each call is a new channel (here always to the first
+    // resolved pod, as pick_first does per channel), its traffic about six messages (the
+    // handshake's records), so opens per "request" is 1/6. The connection level decides.
+    let mut a = analyzer();
+    a.set_ready_backends(&svc(), backends(4), 0);
+    let mut s = Script::default();
+    for i in 0..300u64 {
+        let t = i * 100 * MS;
+        s.open(t, i, "pricing-1", 30000 + i as u16);
+        s.sample_from(t + 10 * MS, i, 6, RequestSource::Messages);
+        s.close(t + 30 * MS, i, Some(Duration::from_millis(30)));
+    }
+    let now = 30 * S;
+    s.run(&mut a, now);
+    let b = balance(&a, now);
+    assert_eq!(b.verdict, Verdict::DialPerRequest, "{}", b.reason);
+    assert_eq!(b.source, Some(RequestSource::Messages));
+    assert!(
+        b.opens_per_request.unwrap() < 0.2,
+        "{:?}",
+        b.opens_per_request
+    );
+    assert!(
+        b.reason.contains("requests are estimated from messages"),
+        "{}",
+        b.reason
+    );
+    assert!(
+        b.advice
+            .as_deref()
+            .unwrap()
+            .starts_with("Create one channel per target"),
+        "{:?}",
+        b.advice
+    );
+}
+
+#[test]
+fn long_lived_tls_clients_get_the_verdicts_of_their_h2c_twins() {
+    // pick_first over TLS: one connection, messages stand in for requests.
+    let mut a = analyzer();
+    a.set_ready_backends(&svc(), backends(3), 0);
+    let mut s = Script::default();
+    s.open(0, 1, "pricing-2", 40000);
+    for sec in 1..=30 {
+        s.sample_from(sec * S, 1, 70 * sec, RequestSource::Messages);
+    }
+    s.run(&mut a, 30 * S);
+    let b = balance(&a, 30 * S);
+    assert_eq!(b.verdict, Verdict::PickFirst, "{}", b.reason);
+
+    // round_robin over TLS: one reused connection per backend.
+    let mut a = analyzer();
+    a.set_ready_backends(&svc(), backends(3), 0);
+    let mut s = Script::default();
+    for id in 1..=3u64 {
+        s.open(0, id, &format!("pricing-{id}"), 40000 + id as u16);
+    }
+    for sec in 1..=40 {
+        for id in 1..=3 {
+            s.sample_from(sec * S, id, 23 * sec, RequestSource::Messages);
+        }
+    }
+    s.run(&mut a, 40 * S);
+    let b = balance(&a, 40 * S);
+    assert_eq!(b.verdict, Verdict::RoundRobin, "{}", b.reason);
 }
 
 #[test]

@@ -6,7 +6,11 @@
 //! 1. `insufficient_data` when the key was observed for less than `min_observation` (default: one
 //!    window), or fewer than `min_requests` requests fell in the window.
 //! 2. `dial_per_request` when opens per request >= `dial_opens_per_request` and the mean lifetime
-//!    of the window's connections is < `short_lifetime`. It comes first because it is independent
+//!    of the window's connections is < `short_lifetime`. When some requests come from messages
+//!    (TLS or another protocol the scanner cannot read), a "request" is a message and a TLS call
+//!    alone is about six (the handshake's records), so opens per request says nothing: then the
+//!    connection level decides, `dial_min_opens` or more opens in the window whose connections
+//!    live < `short_lifetime` on average. A TLS client gets the verdict of its h2c twin. It comes first because it is independent
 //!    of where the requests went: a client that dials per call is even across backends (kube-proxy
 //!    spreads connections), and if it always lands on one backend the handshake cost is still the
 //!    problem to report. Server-side MaxConnectionAge rotation is not this: its connections are
@@ -26,12 +30,17 @@
 //!    connections are reused (opens per request < `dial_opens_per_request`).
 //! 7. Otherwise `insufficient_data`, the reason quoting the figures that fit no pattern (for
 //!    example a new backend that is not yet unconnected for a whole window).
+//!
+//! Every verdict but `round_robin` and `insufficient_data` comes with advice ([`advise`]): the
+//! change that fixes it, naming the service's headless twin when the inventory has one. The
+//! reason ends with it too, so that a log line or an alert carries the fix.
 
 use std::{fmt, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 use super::Balance;
+use crate::conntable::RequestSource;
 
 /// What a client does with the backends of a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -91,6 +100,8 @@ pub struct Thresholds {
     pub round_robin_max_skew: f64,
     /// `dial_per_request`: the least opens per request. Below it, connections count as reused.
     pub dial_opens_per_request: f64,
+    /// `dial_per_request` when requests come from messages (TLS): the least opens in the window.
+    pub dial_min_opens: u64,
     /// Mean connection lifetime below which connections are short (`dial_per_request`); at or
     /// above it they are long-lived (`pick_first`).
     pub short_lifetime: Duration,
@@ -107,6 +118,7 @@ impl Default for Thresholds {
             round_robin_coverage: 0.8,
             round_robin_max_skew: 1.5,
             dial_opens_per_request: 0.5,
+            dial_min_opens: 10,
             short_lifetime: Duration::from_secs(1),
             stale_after: None,
         }
@@ -139,7 +151,28 @@ pub fn classify(b: &Balance, th: &Thresholds, window: Duration) -> (Verdict, Str
         );
     }
     let short = th.short_lifetime.as_secs_f64();
+    if b.source == Some(RequestSource::Messages)
+        && let Some(life) = b.mean_lifetime_seconds
+        && b.opens >= th.dial_min_opens
+        && life < short
+    {
+        return (
+            DialPerRequest,
+            format!(
+                "{} connection(s) opened in the last {}, living {} on average (under {}), across \
+                 {} backend(s); requests are estimated from messages ({} sent: TLS or not \
+                 HTTP/2), so the opens and lifetimes decide",
+                b.opens,
+                secs(b.span_seconds),
+                secs(life),
+                secs(short),
+                b.connected,
+                b.requests
+            ),
+        );
+    }
     if let (Some(opr), Some(life)) = (b.opens_per_request, b.mean_lifetime_seconds)
+        && b.source != Some(RequestSource::Messages)
         && opr >= th.dial_opens_per_request
         && life < short
     {
@@ -273,6 +306,58 @@ pub fn classify(b: &Balance, th: &Thresholds, window: Duration) -> (Verdict, Str
             b.ready
         ),
     )
+}
+
+/// What the analyzer knows about the service a key's client calls, for the advice.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceFacts {
+    /// The service has no cluster IP: clients resolve its pods themselves.
+    pub headless: bool,
+    /// For a ClusterIP service: a headless service of the same namespace with the same backend
+    /// pods, the target a client should resolve instead.
+    pub headless_twin: Option<String>,
+}
+
+/// The fix for a verdict, in words; None for `round_robin` (nothing to fix) and
+/// `insufficient_data` (nothing known yet).
+pub fn advise(verdict: Verdict, b: &Balance, facts: &ServiceFacts) -> Option<String> {
+    let (ns, name) = (&b.service.namespace, &b.service.name);
+    let target = match (&facts.headless_twin, facts.headless) {
+        (_, true) => format!("`dns:///{name}.{ns}.svc.cluster.local:<port>`"),
+        (Some(twin), false) => {
+            format!("the headless service {twin} (`dns:///{twin}.{ns}.svc.cluster.local:<port>`)")
+        }
+        (None, false) => format!(
+            "a headless service (clusterIP: None) with the same selector as {name} (there is \
+             none yet), as `dns:///<name>.{ns}.svc.cluster.local:<port>`"
+        ),
+    };
+    let round_robin = "the round_robin policy in the channel's service config \
+                       (`{\"loadBalancingConfig\": [{\"round_robin\": {}}]}`)";
+    let cluster_ip = if facts.headless {
+        String::new()
+    } else {
+        format!("{name} is a ClusterIP service, which balances connections, not calls. ")
+    };
+    match verdict {
+        Verdict::PickFirst => Some(format!(
+            "{cluster_ip}Dial {target} with {round_robin}: the client then holds one connection \
+             per ready pod and spreads its calls over them. Keep one pooled channel per target."
+        )),
+        Verdict::DialPerRequest => Some(format!(
+            "Create one channel per target when the client starts and reuse it for every call: \
+             a channel per call pays a TCP (and TLS) handshake per request. {cluster_ip}Dial \
+             {target} with {round_robin} so that the one channel spreads its calls."
+        )),
+        Verdict::StaleResolver => Some(
+            "The client resolved the service once and re-resolves only when a connection drops: \
+             set MaxConnectionAge on the servers (for example 30 s, with a grace period) so that \
+             connections rotate and clients re-resolve, or use a resolver that watches the \
+             cluster (xDS, or one that follows EndpointSlices)."
+                .to_string(),
+        ),
+        Verdict::RoundRobin | Verdict::InsufficientData => None,
+    }
 }
 
 /// A share as a whole percentage ("97%").

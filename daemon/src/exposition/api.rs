@@ -217,8 +217,11 @@ impl PeerConn {
 pub struct ServiceVerdict {
     pub service: ObjectRef,
     pub verdict: Verdict,
-    /// The verdict's reason, in words.
+    /// The verdict's reason, in words (ending with the advice when there is one).
     pub reason: String,
+    /// The fix for the verdict; `None` for round_robin and insufficient_data.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub advice: Option<String>,
     /// Ready backends of the service.
     pub ready: usize,
     /// Backends connected in the window (fan-out).
@@ -238,6 +241,7 @@ impl From<&Balance> for ServiceVerdict {
             service: b.service.clone(),
             verdict: b.verdict,
             reason: b.reason.clone(),
+            advice: b.advice.clone(),
             ready: b.ready,
             connected: b.connected,
             coverage: b.coverage,
@@ -644,6 +648,7 @@ mod tests {
                     "service": b.service,
                     "verdict": b.verdict,
                     "reason": b.reason,
+                    "advice": b.advice,
                     "ready": b.ready,
                     "connected": b.connected,
                     "coverage": b.coverage,

@@ -452,8 +452,12 @@ impl Pipeline {
     /// Housekeeping: ready backends, gc, stale pending connects, verdict history, the metrics
     /// snapshot and the heartbeat.
     fn tick(&mut self, now: Nanos) {
-        for (service, ready) in feed::ready_backends(&self.identity.snapshot()) {
+        let inv = self.identity.snapshot();
+        for (service, ready) in feed::ready_backends(&inv) {
             self.analyzer.set_ready_backends(&service, ready, now);
+        }
+        for (service, facts) in feed::service_facts(&inv) {
+            self.analyzer.set_service_facts(&service, facts);
         }
         self.analyzer.gc(now);
         let dropped = self.table.sweep(now);
