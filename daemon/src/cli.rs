@@ -130,6 +130,10 @@ pub struct RunArgs {
     /// dial_per_request: the least connection opens per request (above 0).
     #[arg(long, default_value_t = Thresholds::default().dial_opens_per_request, value_parser = parse_positive)]
     pub dial_opens_per_request: f64,
+    /// dial_per_request when requests come from messages (TLS): the least connection opens in
+    /// the window (their mean lifetime under --short-lifetime).
+    #[arg(long, default_value_t = Thresholds::default().dial_min_opens)]
+    pub dial_min_opens: u64,
     /// Mean connection lifetime below which connections are short (dial_per_request) and at or
     /// above which they are long-lived (pick_first).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
@@ -188,6 +192,7 @@ impl RunArgs {
                     round_robin_coverage: self.round_robin_coverage,
                     round_robin_max_skew: self.round_robin_max_skew,
                     dial_opens_per_request: self.dial_opens_per_request,
+                    dial_min_opens: self.dial_min_opens,
                     short_lifetime: self.short_lifetime,
                     ..Thresholds::default()
                 },

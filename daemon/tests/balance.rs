@@ -79,6 +79,25 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
     );
     let (dial, dial_b) = verdict_of("dial");
     assert_eq!(dial, Verdict::DialPerRequest.as_str(), "{dial_b:#}");
+    // What to fix: nothing for round_robin; round_robin over the headless service for
+    // pick_first; one reused channel for the dialler. The reason ends with the same advice.
+    assert_eq!(rr_b["advice"], serde_json::Value::Null, "{rr_b:#}");
+    for (b, must) in [
+        (
+            &pf_b,
+            "`dns:///api.shop.svc.cluster.local:<port>` with the round_robin policy",
+        ),
+        (&dial_b, "Create one channel per target"),
+    ] {
+        let advice = b["advice"]
+            .as_str()
+            .unwrap_or_else(|| panic!("advice: {b:#}"));
+        assert!(advice.contains(must), "{advice}");
+        assert!(
+            b["reason"].as_str().unwrap_or("").ends_with(advice),
+            "{b:#}"
+        );
+    }
 
     // The metrics say the same per client pod: verdict, ready and connected backends.
     let m = scrape(&agent);
@@ -280,6 +299,8 @@ async fn verdicts_for_round_robin_pick_first_and_dial_per_request() {
 enum Service {
     /// Headless: clients dial the pods' addresses (port 8080).
     Headless,
+    /// Headless with service port 80 and target port 8080: dialling a pod on 80 is refused.
+    HeadlessPort80,
     /// A ClusterIP (port 80 → 8080) that the lab node DNATs to a random backend per connection,
     /// as kube-proxy does; the agent learns the backend from the node's conntrack table.
     ClusterIp(SocketAddr),
@@ -318,6 +339,10 @@ async fn clients_and_backends(
     }
     let (kind, conntrack_netns) = match service {
         Service::Headless => ("headless: true, ports: [{port: 8080}]".to_string(), None),
+        Service::HeadlessPort80 => (
+            "headless: true, ports: [{port: 80, target_port: 8080}]".to_string(),
+            None,
+        ),
         Service::ClusterIp(vip) => {
             let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
             lab.add_cluster_ip(vip, &addrs).expect("cluster ip");
@@ -545,7 +570,13 @@ async fn dialling_through_a_cluster_ip_is_counted_per_backend_pod() {
         assert_eq!(
             m.one("fanout_requests_total", &h2),
             s.calls as f64,
-            "{name}"
+            "{name}; the client's request and connection series: {:#?}",
+            m.samples
+                .iter()
+                .filter(|x| x.label("pod") == Some("dial")
+                    && (x.name.starts_with("fanout_requests")
+                        || x.name.starts_with("fanout_connections_opened")))
+                .collect::<Vec<_>>()
         );
     }
     assert_eq!(
@@ -561,4 +592,82 @@ async fn dialling_through_a_cluster_ip_is_counted_per_backend_pod() {
     agent.shutdown().await.expect("shutdown");
     drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The headless port gotcha: a client that dials the pods of a headless service on the
+/// service's port (80) while they listen on the target port (8080) is refused; the agent counts
+/// it per client, service and port, and the client's peers view says how to fix it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialling_a_headless_service_on_its_port_instead_of_the_target_port_is_reported() {
+    lab::require_root("the balance tests load eBPF programs and build a lab");
+    let lab = Lab::new(3).expect("lab");
+    let (agent, servers, dir) = clients_and_backends(
+        &lab,
+        &["wrong-port"],
+        2,
+        Duration::from_secs(4),
+        Service::HeadlessPort80,
+        |i| ServerOptions::new(format!("api-{i}")),
+    )
+    .await;
+    let attempts = 3;
+    let wrong = lab.pod(1).addr(false, 80);
+    let refused = lab
+        .pod(0)
+        .run(move || {
+            (0..attempts)
+                .filter(|_| {
+                    std::net::TcpStream::connect_timeout(&wrong, Duration::from_secs(5)).is_err()
+                })
+                .count()
+        })
+        .expect("lab");
+    assert_eq!(refused, attempts, "nobody listens on port 80");
+    // And one connect on the right port, which is no mismatch.
+    let right = servers[0].addr;
+    lab.pod(0)
+        .run(move || std::net::TcpStream::connect_timeout(&right, Duration::from_secs(5)))
+        .expect("lab")
+        .expect("the target port answers");
+
+    let labels = [
+        ("namespace", "shop"),
+        ("client", "wrong-port"),
+        ("service_namespace", "shop"),
+        ("service", "api"),
+        ("port", "80"),
+    ];
+    let m = metrics_when(&agent, Duration::from_secs(10), |m| {
+        m.sum("fanout_port_mismatch_connects_total", &labels) >= attempts as f64
+    });
+    assert_eq!(
+        m.one("fanout_port_mismatch_connects_total", &labels),
+        attempts as f64
+    );
+    assert_eq!(
+        m.sum("fanout_port_mismatch_connects_total", &[("port", "8080")]),
+        0.0,
+        "the target port is never a mismatch"
+    );
+
+    let (code, body) =
+        http::get(agent.http_addr(), "/pods/shop/wrong-port/peers").expect("GET peers");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let pm = &v["port_mismatches"];
+    assert_eq!(pm.as_array().map(Vec::len), Some(1), "{v:#}");
+    assert_eq!(pm[0]["service"]["name"], "api");
+    assert_eq!(pm[0]["dialled_port"], 80);
+    assert_eq!(pm[0]["target_ports"], serde_json::json!([8080]));
+    assert_eq!(pm[0]["failed_connects"], attempts as u64);
+    let advice = pm[0]["advice"].as_str().unwrap_or("");
+    assert!(
+        advice.contains("Dial port 8080 (the targetPort)"),
+        "{advice}"
+    );
+    assert!(advice.contains("api is headless"), "{advice}");
+
+    agent.shutdown().await.expect("shutdown");
+    drop(servers);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -48,6 +48,7 @@
 //! `grace`.
 
 pub mod feed;
+pub mod ports;
 pub mod regress;
 mod verdict;
 mod window;

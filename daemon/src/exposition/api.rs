@@ -142,6 +142,10 @@ pub struct PodPeersView {
     pub pod: ObjectRef,
     pub peers: Vec<PeerView>,
     pub services: Vec<ServiceVerdict>,
+    /// Refused connects of this pod to a service's pods on a port they do not serve, with the
+    /// fix. Empty from an agent that does not send it.
+    #[serde(default)]
+    pub port_mismatches: Vec<crate::analysis::ports::PortMismatchView>,
 }
 
 /// One peer of a pod (pod, service, node, loopback or external) at one remote address.
@@ -627,6 +631,14 @@ mod tests {
             pod: ObjectRef::new("shop", "frontend-1"),
             peers,
             services,
+            port_mismatches: vec![crate::analysis::ports::PortMismatchView {
+                service: ObjectRef::new("shop", "pricing-headless"),
+                dialled_port: 80,
+                target_ports: vec![8080],
+                failed_connects: 3,
+                last_seen_seconds_ago: 1.5,
+                advice: "dial 8080".into(),
+            }],
         };
         let mut two = view.peers[0].clone();
         two.push(PeerConn::new(&conns[2], now));
@@ -659,13 +671,20 @@ mod tests {
         }
         assert_eq!(json["services"][0]["verdict"], "pick_first");
 
-        // `connections_total` is optional (added later); the others are not.
+        assert_eq!(json["port_mismatches"][0]["target_ports"][0], 8080);
+        // `connections_total` and `port_mismatches` are optional (added later); the others are
+        // not.
         let mut older = json.clone();
         older["peers"][0]
             .as_object_mut()
             .expect("peer")
             .remove("connections_total");
+        older
+            .as_object_mut()
+            .expect("view")
+            .remove("port_mismatches");
         let back: PodPeersView = serde_json::from_value(older).expect("an older agent");
+        assert!(back.port_mismatches.is_empty());
         assert_eq!(back.peers[0].connections_total, 0);
         assert_eq!(back.peers[0].total(), 1);
         let err = decode_err::<PodPeersView>(rename(&json, &["services", "1", "skew"], "sk"));

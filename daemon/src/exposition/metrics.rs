@@ -64,6 +64,15 @@ pub struct VerdictChangeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortMismatchLabels {
+    pub namespace: String,
+    pub client: String,
+    pub service_namespace: String,
+    pub service: String,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
     pub hooks: String,
@@ -88,6 +97,9 @@ pub struct Metrics {
     pub kube_watch_restarts: Counter,
     pub features: Family<FeatureLabels, Gauge>,
     pub verdict_changes: Family<VerdictChangeLabels, Counter>,
+    /// Refused connects of a client to a service's pods on the service port instead of the
+    /// target port (analysis::ports).
+    pub port_mismatch: Family<PortMismatchLabels, Counter>,
     pub reconciled: Family<ActionLabels, Counter>,
     pub reconcile_rounds: Counter,
     pub program_misses: Family<ProgramLabels, Counter>,
@@ -238,6 +250,14 @@ impl Metrics {
              verdicts",
             verdict_changes.clone(),
         );
+        let port_mismatch = Family::<PortMismatchLabels, Counter>::default();
+        registry.register(
+            "fanout_port_mismatch_connects",
+            "Refused connects of a client pod to a service's pods on a service port they do not \
+             serve (the headless port gotcha: dial the targetPort); /pods/<ns>/<name>/peers \
+             names the fix",
+            port_mismatch.clone(),
+        );
         let reconciled = Family::<ActionLabels, Counter>::default();
         registry.register(
             "fanout_reconciled",
@@ -269,6 +289,7 @@ impl Metrics {
             kernel_skipped_seen: Default::default(),
             features,
             verdict_changes,
+            port_mismatch,
             identity_synced,
             inventory_reloads,
             conntrack_lookups,

@@ -19,19 +19,23 @@ pub mod recovery;
 pub mod resolve;
 pub mod sampler;
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::{
     analysis::{
         self, Analyzer, ConnId, Nanos, feed,
+        ports::{self, PortGotchas},
         regress::{VerdictHistory, WorkloadKey},
     },
     conntable::{Change, Conn, ConnKey, ConnTable, Direction, Requests, reconcile::Plan},
     event::{Counters, Event, reader::Batch},
     exposition::{api, balance::BalanceSnapshot, metrics::Metrics},
-    identity::{Identity, model::ObjectRef},
+    identity::{
+        Identity,
+        model::{Inventory, ObjectRef},
+    },
 };
 
 use self::resolve::{Lookup, Resolver};
@@ -168,6 +172,8 @@ pub struct Pipeline {
     /// When the pipeline last turned (monotonic ns): liveness.
     heartbeat: Arc<std::sync::atomic::AtomicU64>,
     last_verdicts: Nanos,
+    /// Refused connects on a service port the pods do not serve.
+    ports: PortGotchas,
 }
 
 /// The channels the pipeline is built with.
@@ -208,6 +214,7 @@ impl Pipeline {
             snapshot: parts.snapshot,
             heartbeat: parts.heartbeat,
             last_verdicts: 0,
+            ports: PortGotchas::new(ports::DEFAULT_CAP),
         }
     }
 
@@ -276,6 +283,7 @@ impl Pipeline {
                     }
                 }
                 Change::Closed { conn, duration } => self.close(conn, ev.ts_ns, *duration),
+                Change::Failed { remote, .. } => self.failed_connect(&inv, ev, *remote),
                 _ => {}
             }
             self.metrics.observe(ev.kind, &change);
@@ -285,6 +293,39 @@ impl Pipeline {
             // No subscribers is the normal case for the daemon.
             let _ = self.events.send(ev);
         }
+    }
+
+    /// A refused connect of a local pod: counted when it is the port gotcha (a service's pod
+    /// dialled on the service port instead of the target port).
+    fn failed_connect(&mut self, inv: &Inventory, ev: &Event, remote: SocketAddr) {
+        let Some(client) = inv.pod_by_ip(ev.local.ip()) else {
+            return;
+        };
+        let Some(m) = ports::mismatch(inv, remote) else {
+            return;
+        };
+        let headless = inv
+            .service(&m.service.namespace, &m.service.name)
+            .is_some_and(|s| s.headless());
+        let client = client.id();
+        let labels = port_labels(&client, &m.service, m.dialled);
+        let first = self
+            .metrics
+            .port_mismatch
+            .get(&labels)
+            .is_none_or(|c| c.get() == 0);
+        if first {
+            tracing::warn!(
+                client = %client,
+                service = %m.service,
+                "refused connects: {}",
+                ports::port_advice(&m, headless)
+            );
+        }
+        if let Some((c, s, p)) = self.ports.record(client, &m, headless, ev.ts_ns) {
+            self.metrics.port_mismatch.remove(&port_labels(&c, &s, p));
+        }
+        self.metrics.port_mismatch.get_or_create(&labels).inc();
     }
 
     /// Queues a conntrack lookup for a ClusterIP connection's open; false (counted) when it
@@ -460,6 +501,9 @@ impl Pipeline {
             self.analyzer.set_service_facts(&service, facts);
         }
         self.analyzer.gc(now);
+        for (c, svc, p) in self.ports.gc(now) {
+            self.metrics.port_mismatch.remove(&port_labels(&c, &svc, p));
+        }
         let dropped = self.table.sweep(now);
         if dropped > 0 {
             tracing::debug!(dropped, "dropped stale pending connects");
@@ -516,14 +560,13 @@ impl Pipeline {
                 ));
             }
             Query::PodPeers { pod, limit, reply } => {
-                let _ = reply.send(query::pod_peers(
-                    &self.table,
-                    &self.analyzer,
-                    &self.identity,
-                    pod,
-                    limit,
-                    now,
-                ));
+                let _ = reply.send(
+                    query::pod_peers(&self.table, &self.analyzer, &self.identity, pod, limit, now)
+                        .map(|mut view| {
+                            view.port_mismatches = self.ports.of_client(&view.pod, now);
+                            view
+                        }),
+                );
             }
             Query::Tracked { reply } => {
                 // Outbound connections with a kernel socket: the clients' side, whose request
@@ -558,4 +601,19 @@ pub struct HeldClose {
     pub at: Nanos,
     pub lifetime: Option<Duration>,
     pub counters: analysis::Counters,
+}
+
+/// The metric labels of one port gotcha entry.
+fn port_labels(
+    client: &ObjectRef,
+    service: &ObjectRef,
+    port: u16,
+) -> crate::exposition::metrics::PortMismatchLabels {
+    crate::exposition::metrics::PortMismatchLabels {
+        namespace: client.namespace.clone(),
+        client: client.name.clone(),
+        service_namespace: service.namespace.clone(),
+        service: service.name.clone(),
+        port,
+    }
 }

@@ -142,6 +142,7 @@ pub fn pod_peers(
         pod,
         peers,
         services,
+        port_mismatches: Vec::new(),
     })
 }
 
