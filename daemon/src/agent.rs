@@ -21,7 +21,7 @@ use std::{
 };
 
 use tokio::{
-    sync::{broadcast, watch},
+    sync::{broadcast, mpsc, watch},
     task::JoinHandle,
 };
 
@@ -194,6 +194,18 @@ impl Agent {
         let heartbeat = Arc::new(AtomicU64::new(0));
         let ready = Arc::new(AtomicBool::new(false));
         let pipeline = {
+            // Kubernetes mode: regressions become Events on the client pods.
+            let regression_events = kube.as_ref().map(|k| {
+                let (tx, rx) = mpsc::channel(pipeline::REGRESSION_EVENTS_QUEUE);
+                tasks.push(tokio::spawn(crate::exposition::k8s_events::run(
+                    k.client.clone(),
+                    k.node_name().map(str::to_owned),
+                    identity.clone(),
+                    metrics.clone(),
+                    rx,
+                )));
+                tx
+            });
             let p = Pipeline::new(pipeline::Parts {
                 analyzer,
                 identity: identity.clone(),
@@ -202,6 +214,7 @@ impl Agent {
                 snapshot: snapshot_tx,
                 heartbeat: heartbeat.clone(),
                 lookups,
+                regression_events,
             });
             tokio::spawn(p.run(channels, stop_rx.clone()))
         };

@@ -117,6 +117,8 @@ CONTRACT_HOST_PATHS = {
 CONTRACT_RULES = [
     {"apiGroups": [""], "resources": ["pods", "services"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+    # BalanceRegressed Events on client pods (kube-runtime's Recorder creates events.k8s.io/v1).
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
 ]
 CONTRACT_RESOURCES = {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"memory": "256Mi"}}
 # Explicitly Unconfined (not unset: kubelet --seccomp-default would make an unset profile

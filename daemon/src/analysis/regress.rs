@@ -18,7 +18,9 @@
 //!   ahead of time (a counter born at 1 hides its first increase from `increase()`) and drop them
 //!   with the workload.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
 
 use super::{Nanos, Verdict};
 use crate::identity::model::ObjectRef;
@@ -178,6 +180,138 @@ impl VerdictHistory {
     }
 }
 
+/// One regression as the API and the Kubernetes Event report it: when, what changed, and what
+/// the client ran before and after.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Regression {
+    /// Unix time, seconds.
+    pub at_unix_seconds: u64,
+    pub namespace: String,
+    /// `Kind/name` of the client workload.
+    pub workload: String,
+    pub service: ObjectRef,
+    pub from: Verdict,
+    pub to: Verdict,
+    /// The client pod with the worse verdict.
+    pub pod: ObjectRef,
+    /// What the workload's pods ran at the evaluation before (images or template hash).
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub version_before: Option<String>,
+    /// What the pod with the worse verdict runs.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub version_after: Option<String>,
+}
+
+impl Regression {
+    /// One line for logs and Events.
+    pub fn describe(&self) -> String {
+        let v = |x: &Option<String>| x.clone().unwrap_or_else(|| "unknown".into());
+        let changed = if self.version_before == self.version_after {
+            format!("it still runs {}", v(&self.version_after))
+        } else {
+            format!(
+                "it ran {} and now runs {}",
+                v(&self.version_before),
+                v(&self.version_after)
+            )
+        };
+        format!(
+            "{}/{} now {} for service {}/{} (was {}), first seen on pod {}: {changed}",
+            self.namespace,
+            self.workload,
+            self.to,
+            self.service.namespace,
+            self.service.name,
+            self.from,
+            self.pod.name
+        )
+    }
+}
+
+/// The recent regressions (at most `cap`, newest last) and what each workload ran at its last
+/// evaluation, which is the "before" of its next regression.
+pub struct Regressions {
+    recent: VecDeque<Regression>,
+    cap: usize,
+    versions: HashMap<WorkloadKey, Option<String>>,
+}
+
+/// One judged pod for [`Regressions::observe`]: its workload key, verdict, name and version.
+pub struct Judged {
+    pub key: WorkloadKey,
+    pub verdict: Verdict,
+    pub pod: ObjectRef,
+    pub version: Option<String>,
+}
+
+impl Regressions {
+    pub fn new(cap: usize) -> Self {
+        Regressions {
+            recent: VecDeque::new(),
+            cap: cap.max(1),
+            versions: HashMap::new(),
+        }
+    }
+
+    /// After [`VerdictHistory::observe`] of the same evaluation: turns its regressions into
+    /// reports (returned, and kept), then remembers every judged workload's version and forgets
+    /// the forgotten ones.
+    pub fn observe(
+        &mut self,
+        judged: &[Judged],
+        observed: &Observed,
+        at_unix: u64,
+    ) -> Vec<Regression> {
+        let mut out = Vec::new();
+        for c in observed.changes.iter().filter(|c| c.is_regression()) {
+            // The pod that brought the worse verdict (the first by name on a tie).
+            let culprit = judged
+                .iter()
+                .filter(|j| j.key == c.key && j.verdict == c.to)
+                .min_by(|a, b| a.pod.cmp(&b.pod));
+            let r = Regression {
+                at_unix_seconds: at_unix,
+                namespace: c.key.namespace.clone(),
+                workload: c.key.workload.clone(),
+                service: c.key.service.clone(),
+                from: c.from,
+                to: c.to,
+                pod: culprit.map_or_else(
+                    || ObjectRef::new(&c.key.namespace, "unknown"),
+                    |j| j.pod.clone(),
+                ),
+                version_before: self.versions.get(&c.key).cloned().flatten(),
+                version_after: culprit.and_then(|j| j.version.clone()),
+            };
+            out.push(r.clone());
+            if self.recent.len() >= self.cap {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(r);
+        }
+        // A workload's version: that of its pods with a decisive verdict (the first by name).
+        let mut now: HashMap<&WorkloadKey, &Judged> = HashMap::new();
+        for j in judged.iter().filter(|j| rank(j.verdict).is_some()) {
+            let e = now.entry(&j.key).or_insert(j);
+            if j.pod < e.pod {
+                *e = j;
+            }
+        }
+        for (k, j) in now {
+            self.versions.insert(k.clone(), j.version.clone());
+        }
+        for k in &observed.forgotten {
+            self.versions.remove(k);
+        }
+        out
+    }
+
+    /// The kept regressions, newest last.
+    pub fn recent(&self) -> Vec<Regression> {
+        self.recent.iter().cloned().collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +421,71 @@ mod tests {
             Some(Verdict::StaleResolver)
         );
         assert_eq!(worst([Verdict::InsufficientData]), None);
+    }
+
+    #[test]
+    fn a_regression_names_the_pod_and_the_versions_before_and_after() {
+        let mut h = VerdictHistory::new(100, Duration::from_secs(3600));
+        let mut r = Regressions::new(2);
+        let co = key("Deployment/checkout");
+        let judged = |pod: &str, v: Verdict, version: &str| Judged {
+            key: co.clone(),
+            verdict: v,
+            pod: ObjectRef::new("shop", pod),
+            version: Some(version.into()),
+        };
+        let eval = |h: &mut VerdictHistory, r: &mut Regressions, js: Vec<Judged>, t: Nanos| {
+            let o = h.observe(js.iter().map(|j| (j.key.clone(), j.verdict)), t);
+            r.observe(&js, &o, t / S)
+        };
+        let rr = Verdict::RoundRobin;
+        assert!(
+            eval(
+                &mut h,
+                &mut r,
+                vec![judged("checkout-a", rr, "shop/checkout:1.4")],
+                S
+            )
+            .is_empty()
+        );
+        // The rollout: a new pod on 1.5 pins one backend while the old one still balances.
+        let got = eval(
+            &mut h,
+            &mut r,
+            vec![
+                judged("checkout-a", rr, "shop/checkout:1.4"),
+                judged("checkout-b", Verdict::PickFirst, "shop/checkout:1.5"),
+            ],
+            10 * S,
+        );
+        assert_eq!(got.len(), 1);
+        let g = &got[0];
+        assert_eq!(
+            (g.from, g.to, g.at_unix_seconds),
+            (rr, Verdict::PickFirst, 10)
+        );
+        assert_eq!(g.pod.name, "checkout-b");
+        assert_eq!(g.version_before.as_deref(), Some("shop/checkout:1.4"));
+        assert_eq!(g.version_after.as_deref(), Some("shop/checkout:1.5"));
+        assert_eq!(
+            g.describe(),
+            "shop/Deployment/checkout now pick_first for service shop/pricing (was round_robin), \
+             first seen on pod checkout-b: it ran shop/checkout:1.4 and now runs shop/checkout:1.5"
+        );
+        // Staying bad is no new regression; the list is bounded.
+        assert!(
+            eval(
+                &mut h,
+                &mut r,
+                vec![judged(
+                    "checkout-b",
+                    Verdict::PickFirst,
+                    "shop/checkout:1.5"
+                )],
+                20 * S
+            )
+            .is_empty()
+        );
+        assert_eq!(r.recent().len(), 1);
     }
 }

@@ -135,6 +135,13 @@ pub struct ConnectionsPage {
     pub total: usize,
 }
 
+/// `GET /regressions`: the recent changes of a client workload's verdict for a service to a worse
+/// one, newest last, with what the client ran before and after.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegressionsView {
+    pub regressions: Vec<crate::analysis::regress::Regression>,
+}
+
 /// `GET /pods/{namespace}/{name}/peers`: every peer of a pod with its connections, and the
 /// balance verdict per service the pod calls.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -105,6 +105,7 @@ pub fn router(shared: Arc<AppState>) -> Router {
         .route("/services/{namespace}/{name}/balance", get(service_balance))
         .route("/pods/{name}/peers", get(pod_peers_default_ns))
         .route("/pods/{namespace}/{name}/peers", get(pod_peers))
+        .route("/regressions", get(regressions))
         .fallback(not_found)
         .with_state(shared)
 }
@@ -210,6 +211,17 @@ async fn connections(
 
 /// Per client pod of a service: ready versus connected backends, requests per backend, skew,
 /// verdict and reason, over the sliding window.
+async fn regressions(State(shared): State<Arc<AppState>>) -> Response {
+    match shared
+        .pipeline
+        .ask(|reply| Query::Regressions { reply })
+        .await
+    {
+        Some(view) => Json(view).into_response(),
+        None => gone(),
+    }
+}
+
 async fn service_balance(
     State(shared): State<Arc<AppState>>,
     Path((namespace, name)): Path<(String, String)>,

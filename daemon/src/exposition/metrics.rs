@@ -100,6 +100,10 @@ pub struct Metrics {
     /// Refused connects of a client to a service's pods on the service port instead of the
     /// target port (analysis::ports).
     pub port_mismatch: Family<PortMismatchLabels, Counter>,
+    /// Regressions not written as Kubernetes Events: the writer's queue was full.
+    pub regression_events_dropped: Counter,
+    /// Kubernetes Events written for regressions, by result (`ok`, `error`).
+    pub regression_events: Family<ResultLabels, Counter>,
     pub reconciled: Family<ActionLabels, Counter>,
     pub reconcile_rounds: Counter,
     pub program_misses: Family<ProgramLabels, Counter>,
@@ -258,6 +262,19 @@ impl Metrics {
              names the fix",
             port_mismatch.clone(),
         );
+        let regression_events_dropped = Counter::default();
+        registry.register(
+            "fanout_regression_events_dropped",
+            "Verdict regressions not written as Kubernetes Events because the writer's queue was \
+             full",
+            regression_events_dropped.clone(),
+        );
+        let regression_events = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "fanout_regression_events",
+            "Kubernetes Events written on client pods whose verdict regressed, by result",
+            regression_events.clone(),
+        );
         let reconciled = Family::<ActionLabels, Counter>::default();
         registry.register(
             "fanout_reconciled",
@@ -290,6 +307,8 @@ impl Metrics {
             features,
             verdict_changes,
             port_mismatch,
+            regression_events_dropped,
+            regression_events,
             identity_synced,
             inventory_reloads,
             conntrack_lookups,

@@ -3,5 +3,6 @@
 pub mod api;
 pub mod balance;
 pub mod http;
+pub mod k8s_events;
 pub mod metrics;
 pub mod server;

@@ -22,6 +22,7 @@
 //!     ready: true             # default: true
 //!     host_network: false     # default: false
 //!     node: node-a            # optional
+//!     image: shop/client:1.4  # optional; named when the client's verdict regresses
 //! services:
 //!   - name: pricing
 //!     namespace: default
@@ -119,6 +120,8 @@ struct RawPod {
     #[serde(default)]
     host_network: bool,
     node: Option<String>,
+    /// The image(s) the pod runs, for the regression report (optional).
+    image: Option<String>,
 }
 
 impl TryFrom<RawPod> for PodEntry {
@@ -153,6 +156,7 @@ impl TryFrom<RawPod> for PodEntry {
                 }
             },
         };
+        let version = super::model::version_of(&r.image.into_iter().collect::<Vec<_>>(), &r.labels);
         Ok(PodEntry(Pod {
             uid: format!("local/{}/{}", r.namespace, r.name),
             namespace: r.namespace,
@@ -163,6 +167,7 @@ impl TryFrom<RawPod> for PodEntry {
             node: r.node,
             host_network: r.host_network,
             ready: r.ready,
+            version,
         }))
     }
 }

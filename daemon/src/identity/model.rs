@@ -54,12 +54,28 @@ pub struct Pod {
     /// Shares the node's network namespace: its IP is the node's, not its own.
     pub host_network: bool,
     pub ready: bool,
+    /// What the pod runs, shown when a client's verdict regresses: its container images
+    /// (comma-separated, in spec order), or else the `pod-template-hash` or
+    /// `controller-revision-hash` label ([`version_of`]).
+    pub version: Option<String>,
 }
 
 impl Pod {
     pub fn id(&self) -> ObjectRef {
         ObjectRef::new(&self.namespace, &self.name)
     }
+}
+
+/// A pod's version for the regression report: the images when known, else the template hash
+/// label its controller sets.
+pub fn version_of(images: &[String], labels: &BTreeMap<String, String>) -> Option<String> {
+    if !images.is_empty() {
+        return Some(images.join(","));
+    }
+    ["pod-template-hash", "controller-revision-hash"]
+        .iter()
+        .find_map(|l| labels.get(*l))
+        .map(|h| format!("template {h}"))
 }
 
 /// A service port's target: a number, or the name of a container port.
@@ -274,6 +290,7 @@ pub(crate) mod tests {
             node: None,
             host_network: false,
             ready: true,
+            version: None,
         }
     }
 

@@ -27,7 +27,7 @@ use crate::{
     analysis::{
         self, Analyzer, ConnId, Nanos, feed,
         ports::{self, PortGotchas},
-        regress::{VerdictHistory, WorkloadKey},
+        regress::{Judged, Regression, Regressions, VerdictHistory, WorkloadKey},
     },
     conntable::{Change, Conn, ConnKey, ConnTable, Direction, Requests, reconcile::Plan},
     event::{Counters, Event, reader::Batch},
@@ -52,6 +52,14 @@ pub const VERDICT_EVERY: Duration = Duration::from_secs(5);
 /// no longer judged is (a day covers a slow rollout).
 const VERDICT_HISTORY_CAP: usize = 10_000;
 const VERDICT_HISTORY_FORGET: Duration = Duration::from_secs(24 * 3600);
+/// How long a new outbound connection has to send its first bytes (the HTTP/2 preface or a TLS
+/// ClientHello, where the scanner makes its entry) before "no scanner entry" counts as "not
+/// HTTP/2".
+const H2_FIRST_BYTES_GRACE: Duration = Duration::from_secs(2);
+/// Regressions kept for `GET /regressions`.
+const REGRESSIONS_KEPT: usize = 100;
+/// Regressions waiting to become Kubernetes Events; over it they are counted and dropped.
+pub const REGRESSION_EVENTS_QUEUE: usize = 64;
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
@@ -109,6 +117,10 @@ pub enum Query {
     },
     /// Every row (tests and embedders).
     Rows { reply: oneshot::Sender<Vec<Conn>> },
+    /// The recent verdict regressions (`GET /regressions`).
+    Regressions {
+        reply: oneshot::Sender<api::RegressionsView>,
+    },
 }
 
 /// What reaches the pipeline besides records.
@@ -174,6 +186,10 @@ pub struct Pipeline {
     last_verdicts: Nanos,
     /// Refused connects on a service port the pods do not serve.
     ports: PortGotchas,
+    /// Recent verdict regressions, with what the client ran before and after.
+    regressions: Regressions,
+    /// Where regressions go to become Kubernetes Events (Kubernetes mode).
+    regression_events: Option<mpsc::Sender<Regression>>,
 }
 
 /// The channels the pipeline is built with.
@@ -192,6 +208,8 @@ pub struct Parts {
     pub heartbeat: Arc<std::sync::atomic::AtomicU64>,
     /// The conntrack thread's queue, when conntrack works.
     pub lookups: Option<std::sync::mpsc::Sender<Lookup>>,
+    /// The Kubernetes Event writer's queue (Kubernetes mode).
+    pub regression_events: Option<mpsc::Sender<Regression>>,
 }
 
 /// Makes the channels: the pipeline's ends and the senders.
@@ -215,6 +233,8 @@ impl Pipeline {
             heartbeat: parts.heartbeat,
             last_verdicts: 0,
             ports: PortGotchas::new(ports::DEFAULT_CAP),
+            regressions: Regressions::new(REGRESSIONS_KEPT),
+            regression_events: parts.regression_events,
         }
     }
 
@@ -407,7 +427,23 @@ impl Pipeline {
                 continue;
             }
             self.table.set_stats(&s.key, s.counters, s.requests);
-            if let (Some(req), Some(conn)) = (s.requests, self.table.get(&s.key))
+            let Some(conn) = self.table.get(&s.key) else {
+                continue;
+            };
+            // The scanner makes its entry at a connection's first bytes: until a young
+            // connection had the time to send them, "no entry" is not "not HTTP/2". Feeding its
+            // message count as requests would count them, and the HTTP/2 figure that follows
+            // would then look like no new request. Deferring loses nothing: the next sample or
+            // the close carries the cumulative figures.
+            let young = conn
+                .opened_ns
+                .is_some_and(|t| now.saturating_sub(t) < H2_FIRST_BYTES_GRACE.as_nanos() as u64);
+            let req = s.requests.filter(|r| {
+                !(young
+                    && r.source == crate::conntable::RequestSource::Messages
+                    && r.unparsable.is_none())
+            });
+            if let Some(req) = req
                 && let Some(id) = feed::conn_id(conn)
             {
                 self.analyzer
@@ -522,22 +558,40 @@ impl Pipeline {
     /// Feeds every client's verdict to the per-workload history and counts the changes.
     fn track_verdicts(&mut self, balances: &[analysis::Balance], now: Nanos) {
         let inv = self.identity.snapshot();
-        let judged = balances.iter().map(|b| {
-            let workload = inv
-                .pod(&b.client.namespace, &b.client.name)
-                .map(|p| format!("{}/{}", p.workload.kind, p.workload.name))
-                .unwrap_or_else(|| format!("Pod/{}", b.client.name));
-            (
-                WorkloadKey {
-                    namespace: b.client.namespace.clone(),
-                    workload,
-                    service: b.service.clone(),
-                },
-                b.verdict,
-            )
-        });
-        let observed = self.verdicts.observe(judged, now);
+        let judged: Vec<Judged> = balances
+            .iter()
+            .map(|b| {
+                let pod = inv.pod(&b.client.namespace, &b.client.name);
+                let workload = pod
+                    .map(|p| format!("{}/{}", p.workload.kind, p.workload.name))
+                    .unwrap_or_else(|| format!("Pod/{}", b.client.name));
+                Judged {
+                    key: WorkloadKey {
+                        namespace: b.client.namespace.clone(),
+                        workload,
+                        service: b.service.clone(),
+                    },
+                    verdict: b.verdict,
+                    pod: b.client.clone(),
+                    version: pod.and_then(|p| p.version.clone()),
+                }
+            })
+            .collect();
+        let observed = self
+            .verdicts
+            .observe(judged.iter().map(|j| (j.key.clone(), j.verdict)), now);
         self.metrics.verdict_changes_observed(&observed);
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for r in self.regressions.observe(&judged, &observed, at) {
+            tracing::warn!("balance verdict regressed: {}", r.describe());
+            if let Some(tx) = &self.regression_events
+                && tx.try_send(r).is_err()
+            {
+                self.metrics.regression_events_dropped.inc();
+            }
+        }
     }
 
     fn answer(&mut self, q: Query) {
@@ -586,6 +640,11 @@ impl Pipeline {
             }
             Query::Keys { reply } => {
                 let _ = reply.send(self.table.keys());
+            }
+            Query::Regressions { reply } => {
+                let _ = reply.send(api::RegressionsView {
+                    regressions: self.regressions.recent(),
+                });
             }
             Query::Rows { reply } => {
                 let _ = reply.send(self.table.iter().cloned().collect());

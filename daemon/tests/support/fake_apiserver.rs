@@ -120,6 +120,8 @@ impl Collection {
 struct Cluster {
     rv: u64,
     collections: HashMap<Kind, Collection>,
+    /// Events created (`POST /apis/events.k8s.io/v1/namespaces/{ns}/events`), as sent.
+    events: Vec<Value>,
     /// Every request's path and query, in arrival order.
     requests: Vec<String>,
     /// Kinds answered with 403 Forbidden (as if RBAC were missing).
@@ -361,6 +363,14 @@ impl FakeApiServer {
                     },
                 ),
             )
+            .route(
+                "/apis/events.k8s.io/v1/namespaces/{namespace}/events",
+                axum::routing::post(
+                    |s: State<Shared>,
+                     axum::extract::Path(namespace): axum::extract::Path<String>,
+                     body: Bytes| async move { create_event(s, namespace, body) },
+                ),
+            )
             .fallback(|uri: Uri| async move {
                 status_response(
                     StatusCode::NOT_FOUND,
@@ -495,6 +505,11 @@ impl FakeApiServer {
     }
 
     /// Path and query of every request so far.
+    /// The Events created so far, as the client sent them.
+    pub fn events(&self) -> Vec<Value> {
+        lock(&self.shared).events.clone()
+    }
+
     pub fn requests(&self) -> Vec<String> {
         lock(&self.shared).requests.clone()
     }
@@ -756,4 +771,32 @@ struct LiveWatch {
 
 fn watch_response(body: Body) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Creates an Event as the API server does: 201 with the object, its namespace checked against
+/// the path.
+fn create_event(State(shared): State<Shared>, namespace: String, body: Bytes) -> Response {
+    let Ok(mut ev) = serde_json::from_slice::<Value>(&body) else {
+        return status_response(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
+    };
+    let in_body = ev["metadata"]["namespace"].as_str().unwrap_or(&namespace);
+    if in_body != namespace {
+        return status_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the namespace of the provided object does not match the namespace sent on the request",
+        );
+    }
+    let mut cluster = lock(&shared);
+    cluster.requests.push(format!("POST events {namespace}"));
+    cluster.rv += 1;
+    ev["metadata"]["namespace"] = json!(namespace);
+    ev["metadata"]["resourceVersion"] = json!(cluster.rv.to_string());
+    cluster.events.push(ev.clone());
+    (
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/json")],
+        ev.to_string(),
+    )
+        .into_response()
 }

@@ -67,7 +67,16 @@ pub fn pod_from_k8s(p: &K8sPod) -> Option<Pod> {
         p.metadata.owner_references.as_deref().unwrap_or_default(),
         &labels,
     );
+    let images: Vec<String> = spec
+        .map(|s| {
+            s.containers
+                .iter()
+                .filter_map(|c| c.image.clone())
+                .collect()
+        })
+        .unwrap_or_default();
     Some(Pod {
+        version: super::super::model::version_of(&images, &labels),
         uid: p.metadata.uid.clone().unwrap_or_default(),
         ips,
         workload,
@@ -306,10 +315,10 @@ fn slim_meta(meta: &mut ObjectMeta, keep_uid: bool, keep_labels: bool) -> Object
 }
 
 /// Drops everything [`pod_from_k8s`] does not read, before the pod is cached: managedFields,
-/// annotations, containers, volumes, container statuses and so on. What is kept: metadata
-/// name/namespace/uid/labels, owner references (kind, name, controller), `spec.nodeName`,
-/// `spec.hostNetwork`, `status.phase`, `status.podIP(s)` and the Ready condition's type and
-/// status. `pod_from_k8s` gives the same result before and after.
+/// annotations, containers (but for their name and image), volumes, container statuses and so
+/// on. What is kept: metadata name/namespace/uid/labels, owner references (kind, name,
+/// controller), `spec.nodeName`, `spec.hostNetwork`, the containers' name and image,
+/// `status.phase`, `status.podIP(s)` and the Ready condition's type and status. `pod_from_k8s` gives the same result before and after.
 pub fn strip_pod(p: &mut K8sPod) {
     let owners = p.metadata.owner_references.take().map(|owners| {
         owners
@@ -327,6 +336,16 @@ pub fn strip_pod(p: &mut K8sPod) {
     let spec = p.spec.take().map(|s| PodSpec {
         node_name: s.node_name,
         host_network: s.host_network,
+        // Only the images (the pod's version in a regression report).
+        containers: s
+            .containers
+            .into_iter()
+            .map(|c| k8s_openapi::api::core::v1::Container {
+                name: c.name,
+                image: c.image,
+                ..Default::default()
+            })
+            .collect(),
         ..PodSpec::default()
     });
     let status = p.status.take().map(|s| PodStatus {
@@ -847,6 +866,10 @@ mod tests {
         assert_eq!(pod_from_k8s(&stripped), pod_from_k8s(&full));
         let w = pod_from_k8s(&stripped).unwrap().workload;
         assert_eq!((w.kind.as_str(), w.name.as_str()), ("Deployment", "web"));
+        assert_eq!(
+            pod_from_k8s(&stripped).unwrap().version.as_deref(),
+            Some("registry.example/web:1")
+        );
 
         let before = serde_json::to_string(&full).unwrap();
         let after = serde_json::to_string(&stripped).unwrap();
@@ -854,7 +877,7 @@ mod tests {
             "managedFields",
             "annotations",
             "last-applied",
-            "containers\":[{",
+            "args",
             "env",
             "volumes",
             "containerStatuses",

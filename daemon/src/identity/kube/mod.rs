@@ -177,6 +177,8 @@ pub struct KubeSource {
     pub synced: watch::Receiver<bool>,
     /// Counters for metrics: watch errors (incl. outages), relists/restarts.
     pub stats: Arc<KubeStats>,
+    /// The client the watches use, for writers (Kubernetes Events).
+    pub client: Client,
     node_name: Option<String>,
     stores: Stores,
     tasks: Vec<JoinHandle<()>>,
@@ -216,7 +218,7 @@ impl KubeSource {
                 shared.clone(),
             )),
             tokio::spawn(run_watch(
-                Api::<EndpointSlice>::all(client),
+                Api::<EndpointSlice>::all(client.clone()),
                 // Only slices that belong to a Service (the label exists).
                 watcher::Config::default().labels(SERVICE_NAME_LABEL),
                 slices_writer,
@@ -236,6 +238,7 @@ impl KubeSource {
         KubeSource {
             inventory,
             synced,
+            client,
             stats: shared.stats.clone(),
             node_name: opts.node_name,
             stores,
