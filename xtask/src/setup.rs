@@ -25,15 +25,17 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "promtool"),
 ];
 
-/// PyPI packages the offline chart checks and the container test use: the Helm SDK (there is no
-/// helm binary), offline Kubernetes schemas, and YAML. Pinned to the versions checked here.
+/// PyPI packages the offline chart checks, the container test and the real-client tests use: the
+/// Helm SDK (there is no helm binary), offline Kubernetes schemas, YAML, and grpcio (real gRPC
+/// clients and servers, `daemon/tests/real_clients.rs`). Pinned to the versions checked here.
 const PIP_PACKAGES: &[&str] = &[
     "helm-python-sdk==0.2.2",
     "kubernetes-validate==1.37.0",
     "pyyaml==6.0.3",
+    "grpcio==1.85.3",
 ];
 /// The modules those packages provide, to check they import.
-const PIP_MODULES: &str = "import helm_python, kubernetes_validate, yaml";
+const PIP_MODULES: &str = "import helm_python, kubernetes_validate, yaml, grpc";
 
 /// bpf-linker version known to build against rustc's LLVM 22 here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
