@@ -370,7 +370,10 @@ impl Pipeline {
             .requests
             .unwrap_or_else(|| crate::conntable::requests_of(None, &conn.counters));
         let counters = feed::counters_of(&conn.counters, &req);
-        if self.resolver.hold_close(id, at, lifetime, counters) {
+        if self
+            .resolver
+            .hold_close(id, conn.key, at, lifetime, counters)
+        {
             return;
         }
         if self.analyzer.tracks(id) {
@@ -397,7 +400,7 @@ impl Pipeline {
                 if let Some(open) = feed::open_of(&self.identity, &inv, &conn, at, false) {
                     self.analyzer.on_open(open);
                 }
-                if let Some(held) = self.resolver.opened(feed::conn_id(&conn))
+                if let Some(held) = self.resolver.opened(feed::conn_id(&conn), conn.key)
                     && self.analyzer.tracks(held.id)
                 {
                     self.analyzer.on_sample(held.id, held.at, &held.counters);

@@ -49,10 +49,12 @@ pub struct Resolved {
 /// The pipeline's view of the thread's queue.
 pub struct Resolver {
     tx: Option<std::sync::mpsc::Sender<Lookup>>,
-    /// Opens queued and not yet answered, per connection.
-    queued_opens: HashMap<ConnId, u32>,
+    /// Opens queued and not yet answered, per connection: its socket address and its key, for
+    /// a socket address alone also names the next connections that reuse it (another pod's
+    /// inbound one, say, whose close must never wait for this open).
+    queued_opens: HashMap<(ConnId, ConnKey), u32>,
     /// Closes waiting for their connection's open, in order.
-    held: HashMap<ConnId, Vec<HeldClose>>,
+    held: HashMap<(ConnId, ConnKey), Vec<HeldClose>>,
     /// Lookups queued.
     pending: usize,
 }
@@ -87,7 +89,7 @@ impl Resolver {
             at,
         })?;
         if let Some(id) = id {
-            *self.queued_opens.entry(id).or_default() += 1;
+            *self.queued_opens.entry((id, conn.key)).or_default() += 1;
         }
         Ok(())
     }
@@ -101,14 +103,15 @@ impl Resolver {
     pub fn hold_close(
         &mut self,
         id: ConnId,
+        key: ConnKey,
         at: Nanos,
         lifetime: Option<Duration>,
         counters: analysis::Counters,
     ) -> bool {
-        if !self.queued_opens.contains_key(&id) {
+        if !self.queued_opens.contains_key(&(id, key)) {
             return false;
         }
-        self.held.entry(id).or_default().push(HeldClose {
+        self.held.entry((id, key)).or_default().push(HeldClose {
             id,
             at,
             lifetime,
@@ -118,19 +121,19 @@ impl Resolver {
     }
 
     /// An open was answered: the close held for it, if it closed meanwhile.
-    pub fn opened(&mut self, id: Option<ConnId>) -> Option<HeldClose> {
+    pub fn opened(&mut self, id: Option<ConnId>, key: ConnKey) -> Option<HeldClose> {
         self.pending = self.pending.saturating_sub(1);
-        let id = id?;
-        if let Some(n) = self.queued_opens.get_mut(&id) {
+        let this = (id?, key);
+        if let Some(n) = self.queued_opens.get_mut(&this) {
             *n -= 1;
             if *n == 0 {
-                self.queued_opens.remove(&id);
+                self.queued_opens.remove(&this);
             }
         }
-        let held = self.held.get_mut(&id)?;
+        let held = self.held.get_mut(&this)?;
         let first = (!held.is_empty()).then(|| held.remove(0));
         if held.is_empty() {
-            self.held.remove(&id);
+            self.held.remove(&this);
         }
         first
     }
@@ -278,20 +281,37 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut r = Resolver::new(Some(tx));
         let id = ConnId(7);
-        r.open(&conn(7, 40000), 1).unwrap();
-        assert!(r.hold_close(id, 2, None, zero()));
-        r.open(&conn(7, 40002), 3).unwrap();
-        assert!(r.hold_close(id, 4, None, zero()));
+        let (a, b) = (conn(7, 40000), conn(7, 40002));
+        r.open(&a, 1).unwrap();
+        assert!(r.hold_close(id, a.key, 2, None, zero()));
+        r.open(&b, 3).unwrap();
+        assert!(r.hold_close(id, b.key, 4, None, zero()));
         assert_eq!(r.pending(), 2);
-        assert_eq!(r.opened(Some(id)).map(|h| h.at), Some(2));
+        assert_eq!(r.opened(Some(id), a.key).map(|h| h.at), Some(2));
         assert!(
-            r.queued_opens.contains_key(&id),
+            r.queued_opens.contains_key(&(id, b.key)),
             "the second open still waits"
         );
-        assert_eq!(r.opened(Some(id)).map(|h| h.at), Some(4));
+        assert_eq!(r.opened(Some(id), b.key).map(|h| h.at), Some(4));
         assert!(r.queued_opens.is_empty() && r.held.is_empty());
-        assert!(!r.hold_close(id, 5, None, zero()), "nothing queued");
+        assert!(!r.hold_close(id, a.key, 5, None, zero()), "nothing queued");
         assert_eq!(rx.try_iter().count(), 2);
+    }
+
+    #[test]
+    fn a_close_that_only_shares_the_socket_address_is_never_held() {
+        // A client's open waits for its backend; its socket address is reused meanwhile by a
+        // connection whose open was never queued (another pod's inbound one). That close is
+        // applied at once, and never popped by the first connection's answer.
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let mut r = Resolver::new(Some(tx));
+        let id = ConnId(7);
+        let (client, other) = (conn(7, 40000), conn(7, 50000));
+        r.open(&client, 1).unwrap();
+        assert!(r.hold_close(id, client.key, 2, None, zero()));
+        assert!(!r.hold_close(id, other.key, 3, None, zero()));
+        assert_eq!(r.opened(Some(id), client.key).map(|h| h.at), Some(2));
+        assert!(r.held.is_empty());
     }
 
     #[test]
@@ -302,7 +322,7 @@ mod tests {
             r.existing(conn(0, i as u16).key).unwrap();
         }
         assert_eq!(r.open(&conn(9, 1), 1), Err("dropped"));
-        assert!(!r.queued_opens.contains_key(&ConnId(9)));
+        assert!(r.queued_opens.is_empty());
         r.done();
         assert_eq!(r.open(&conn(9, 1), 1), Ok(()));
         drop(rx);
