@@ -1,6 +1,7 @@
 //! Developer tasks for fanout, and the network-namespace lab shared by the demo and the root tests.
 pub mod bench;
 pub mod container;
+pub mod daemon;
 pub mod grpc;
 pub mod http;
 pub mod image;

@@ -1,9 +1,9 @@
 //! `cargo xtask <task>`: setup, test, demo, lab.
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use xtask::{
+    daemon::Daemon,
     http,
     lab::{self, EchoServer, Lab},
     setup,
@@ -239,55 +240,15 @@ fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
-/// The daemon as a child process; SIGTERM and wait on drop.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Daemon {
-    fn start(log: &std::path::Path, extra: &[&std::ffi::OsStr]) -> Result<Daemon> {
-        let bin = target_dir().join("debug/fanout");
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let child = Command::new(&bin)
-            .args(["run", "--listen", &addr.to_string()])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log)?)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut d = Daemon { child, addr };
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok((200, _)) = http::get(addr, "/healthz") {
-                return Ok(d);
-            }
-            if let Some(st) = d.child.try_wait()? {
-                bail!("fanout exited with {st} (log: {})", log.display());
-            }
-            if Instant::now() > end {
-                bail!("fanout not healthy after 30s (log: {})", log.display());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The demo's daemon: the debug build the demo just made.
+fn start_daemon(log: &std::path::Path, extra: &[&std::ffi::OsStr]) -> Result<Daemon> {
+    Daemon::start(
+        &target_dir().join("debug/fanout"),
+        extra,
+        std::fs::File::create(log)?,
+        log,
+        Duration::from_secs(30),
+    )
 }
 
 /// The demo's inventory: the embedded default identity for the lab.
@@ -464,7 +425,7 @@ fn demo(watch: Duration) -> Result<()> {
         inventory.display(),
         log.display()
     );
-    let daemon = Daemon::start(
+    let daemon = start_daemon(
         &log,
         &[
             "--inventory".as_ref(),

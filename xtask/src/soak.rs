@@ -18,7 +18,6 @@ use std::{
     fmt::Write as _,
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -34,47 +33,27 @@ use crate::{
 };
 
 /// The daemon under soak, as a child process.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-}
+struct Daemon(crate::daemon::Daemon);
 
 impl Daemon {
     fn start(bin: &Path, args: &[String], log: &Path) -> Result<Daemon> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let child = Command::new(bin)
-            .args(["run", "--listen", &addr.to_string()])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)?,
-            )
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut d = Daemon { child, addr };
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok((200, _)) = http::get(addr, "/healthz") {
-                return Ok(d);
-            }
-            if let Some(st) = d.child.try_wait()? {
-                bail!("fanout exited with {st} (log: {})", log.display());
-            }
-            if Instant::now() > end {
-                bail!("fanout not healthy after 60 s (log: {})", log.display());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        crate::daemon::Daemon::start(bin, args, file, log, Duration::from_secs(60)).map(Daemon)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.child.id()
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.0.addr
     }
 
     fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))?
@@ -85,7 +64,7 @@ impl Daemon {
     }
 
     fn metrics(&self) -> Result<String> {
-        let (code, text) = http::get(self.addr, "/metrics")?;
+        let (code, text) = http::get(self.addr(), "/metrics")?;
         if code != 200 {
             bail!("/metrics answered {code}");
         }
@@ -93,26 +72,7 @@ impl Daemon {
     }
 
     fn stop(mut self) -> Result<()> {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < end {
-            if let Some(st) = self.child.try_wait()? {
-                if !st.success() {
-                    bail!("fanout exited with {st} on SIGTERM");
-                }
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("fanout did not stop within 20 s of SIGTERM")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.stop(Duration::from_secs(20))
     }
 }
 
@@ -211,7 +171,7 @@ fn kernel_connections(pod: &Pod) -> Result<BTreeSet<(String, String)>> {
 
 /// The daemon's rows for a namespace, in /proc's hex notation.
 fn table_rows(d: &Daemon, netns: u32) -> Result<BTreeSet<(String, String)>> {
-    let (code, body) = http::get(d.addr, &format!("/connections?netns={netns}"))?;
+    let (code, body) = http::get(d.addr(), &format!("/connections?netns={netns}"))?;
     if code != 200 {
         bail!("/connections answered {code}: {body}");
     }
