@@ -34,6 +34,8 @@ pub struct Mismatch {
 /// Whether a failed connect to `remote` is the port gotcha (the first service by name that
 /// explains it).
 pub fn mismatch(inv: &Inventory, remote: SocketAddr) -> Option<Mismatch> {
+    // One index lookup for the common refusal, to no pod at all; the services only after.
+    inv.pod_by_ip(remote.ip())?;
     let mut best: Option<Mismatch> = None;
     for s in inv.services() {
         let mut targets: Vec<u16> = s

@@ -190,6 +190,8 @@ pub struct Pipeline {
     regressions: Regressions,
     /// Where regressions go to become Kubernetes Events (Kubernetes mode).
     regression_events: Option<mpsc::Sender<Regression>>,
+    /// The inventory the analyzer's service facts were computed from.
+    facts_of: Option<std::sync::Weak<Inventory>>,
 }
 
 /// The channels the pipeline is built with.
@@ -235,6 +237,7 @@ impl Pipeline {
             ports: PortGotchas::new(ports::DEFAULT_CAP),
             regressions: Regressions::new(REGRESSIONS_KEPT),
             regression_events: parts.regression_events,
+            facts_of: None,
         }
     }
 
@@ -536,8 +539,16 @@ impl Pipeline {
         for (service, ready) in feed::ready_backends(&inv) {
             self.analyzer.set_ready_backends(&service, ready, now);
         }
-        for (service, facts) in feed::service_facts(&inv) {
-            self.analyzer.set_service_facts(&service, facts);
+        // Headless twins change only with the inventory (pairwise over services: not every tick).
+        if !self
+            .facts_of
+            .as_ref()
+            .is_some_and(|w| std::sync::Weak::ptr_eq(w, &Arc::downgrade(&inv)))
+        {
+            for (service, facts) in feed::service_facts(&inv) {
+                self.analyzer.set_service_facts(&service, facts);
+            }
+            self.facts_of = Some(Arc::downgrade(&inv));
         }
         self.analyzer.gc(now);
         for (c, svc, p) in self.ports.gc(now) {
