@@ -120,16 +120,7 @@ async fn kube_mode_gates_readiness_and_attributes_lab_connections() {
     api.set_forbidden(Kind::EndpointSlices, true);
 
     let dir = std::env::temp_dir().join(format!("fanout-kube-{}", lab.prefix));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake, namespace: default}}\ncurrent-context: fake\n",
-            api.url()
-        ),
-    )
-    .expect("kubeconfig");
+    let kubeconfig = api.kubeconfig(&dir);
 
     let agent = Agent::start(AgentOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -276,16 +267,7 @@ async fn a_rollout_that_reverts_to_pick_first_writes_an_event_on_the_pod() {
     api.apply(&slice);
 
     let dir = std::env::temp_dir().join(format!("fanout-kube-rollout-{}", lab.prefix));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake, namespace: default}}\ncurrent-context: fake\n",
-            api.url()
-        ),
-    )
-    .expect("kubeconfig");
+    let kubeconfig = api.kubeconfig(&dir);
     let agent = Agent::start(AgentOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         poll_interval: Duration::from_millis(20),

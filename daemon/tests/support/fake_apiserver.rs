@@ -331,6 +331,22 @@ impl FakeApiServer {
         format!("http://{}", self.addr)
     }
 
+    /// Writes a kubeconfig for this server into `dir` (created) and returns its path: what the
+    /// agent's `--kubeconfig` reads.
+    pub fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        std::fs::create_dir_all(dir).expect("kubeconfig dir");
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake, namespace: default}}\ncurrent-context: fake\n",
+                self.url()
+            ),
+        )
+        .expect("kubeconfig");
+        path
+    }
+
     /// A kube client for this server.
     pub fn client(&self) -> kube::Client {
         let config = kube::Config::new(self.url().parse().expect("server url"));
