@@ -179,17 +179,24 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let mut rec = Record::zeroed();
     rec.sport = unsafe { ctx.read_at(tp.sport as usize)? };
     rec.dport = unsafe { ctx.read_at(tp.dport as usize)? };
-    if family == AF_INET {
-        rec.ip_version = 4;
-        let s: [u8; 4] = unsafe { ctx.read_at(tp.saddr as usize)? };
-        let d: [u8; 4] = unsafe { ctx.read_at(tp.daddr as usize)? };
-        rec.saddr[..4].copy_from_slice(&s);
-        rec.daddr[..4].copy_from_slice(&d);
-    } else if family == AF_INET6 {
-        rec.ip_version = 6;
-        rec.saddr = unsafe { ctx.read_at(tp.saddr_v6 as usize)? };
-        rec.daddr = unsafe { ctx.read_at(tp.daddr_v6 as usize)? };
-    } else {
+    // SAFETY (read_at): as above.
+    let known = addresses(
+        &mut rec,
+        family,
+        || unsafe {
+            Ok((
+                ctx.read_at(tp.saddr as usize)?,
+                ctx.read_at(tp.daddr as usize)?,
+            ))
+        },
+        || unsafe {
+            Ok((
+                ctx.read_at(tp.saddr_v6 as usize)?,
+                ctx.read_at(tp.daddr_v6 as usize)?,
+            ))
+        },
+    )?;
+    if !known {
         return Ok(());
     }
     lifecycle(ctx, &cfg, kind, sk, rec)
@@ -229,20 +236,44 @@ fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i32> {
     let mut rec = Record::zeroed();
     rec.sport = u16::from_be(read_kernel(sk, off.sport)?);
     rec.dport = u16::from_be(read_kernel(sk, off.dport)?);
-    if family == AF_INET {
-        rec.ip_version = 4;
-        let s: [u8; 4] = read_kernel(sk, off.saddr)?;
-        let d: [u8; 4] = read_kernel(sk, off.daddr)?;
-        rec.saddr[..4].copy_from_slice(&s);
-        rec.daddr[..4].copy_from_slice(&d);
-    } else if family == AF_INET6 {
-        rec.ip_version = 6;
-        rec.saddr = read_kernel(sk, off.v6_rcv_saddr)?;
-        rec.daddr = read_kernel(sk, off.v6_daddr)?;
-    } else {
+    let known = addresses(
+        &mut rec,
+        family,
+        || Ok((read_kernel(sk, off.saddr)?, read_kernel(sk, off.daddr)?)),
+        || {
+            Ok((
+                read_kernel(sk, off.v6_rcv_saddr)?,
+                read_kernel(sk, off.v6_daddr)?,
+            ))
+        },
+    )?;
+    if !known {
         return Ok(());
     }
     lifecycle(ctx, &cfg, kind, sk, rec)
+}
+
+/// Fills the record's addresses for `family` from the (source, destination) pair that `v4` or
+/// `v6` reads; false for a family that is neither (nothing to report).
+#[inline(always)]
+fn addresses(
+    rec: &mut Record,
+    family: u16,
+    v4: impl FnOnce() -> Result<([u8; 4], [u8; 4]), i32>,
+    v6: impl FnOnce() -> Result<([u8; 16], [u8; 16]), i32>,
+) -> Result<bool, i32> {
+    if family == AF_INET {
+        let (s, d) = v4()?;
+        rec.ip_version = 4;
+        rec.saddr[..4].copy_from_slice(&s);
+        rec.daddr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        (rec.saddr, rec.daddr) = v6()?;
+        rec.ip_version = 6;
+    } else {
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// What both forms of the lifecycle hook do with a transition they report: `rec` carries the
