@@ -122,12 +122,10 @@ impl Agent {
     /// comes later: [`Agent::ready`]).
     pub async fn start(opts: AgentOptions) -> Result<Agent, AgentError> {
         opts.probe.validate()?;
-        let listener = tokio::net::TcpListener::bind(opts.listen)
-            .await
-            .map_err(|source| AgentError::Listen {
-                addr: opts.listen,
-                source,
-            })?;
+        let listener = server::listen(opts.listen).map_err(|source| AgentError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
         let http_addr = listener.local_addr().map_err(|source| AgentError::Listen {
             addr: opts.listen,
             source,

@@ -239,6 +239,25 @@ impl ServerStats {
     }
 }
 
+/// Listen backlog of the API socket (the kernel caps it at `net.core.somaxconn`). The accept
+/// loop drains it quickly, but a burst of connects (a flood, or many scrapers at once) arrives
+/// faster than any loop accepts: with the runtime's default of 128 a burst of a few hundred
+/// overflowed the queue, and the kernel then drops SYNs, so a probe's connect waits a full SYN
+/// retransmit (1 s), as long as a kubelet probe's default timeout.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` and listens with [`LISTEN_BACKLOG`] (address reuse on, as `TcpListener::bind`).
+pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (to `/proc/sys/fs/nr_open` when the hard
 /// limit is unlimited) and returns the soft limit `(before, after)`.
 pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
@@ -922,6 +941,23 @@ mod tests {
 
     use super::*;
 
+    /// A burst of connects larger than the runtime's default backlog (128) completes its
+    /// handshakes while nothing accepts: none waits for a SYN retransmit.
+    #[tokio::test]
+    async fn a_connect_burst_fits_the_listen_backlog() {
+        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let burst = tokio::task::spawn_blocking(move || {
+            (0..300)
+                .map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .unwrap();
+        assert_eq!(burst.map(|v| v.len()).unwrap(), 300);
+        drop(listener);
+    }
+
     struct Server {
         addr: SocketAddr,
         stats: ServerStats,
@@ -933,7 +969,7 @@ mod tests {
 
     impl Server {
         async fn start(limits: Limits, slow: Duration) -> Server {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
             let addr = listener.local_addr().unwrap();
             let slow_entered = Arc::new(AtomicUsize::new(0));
             let router = Router::new()
