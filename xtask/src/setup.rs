@@ -208,6 +208,44 @@ fn pip_packages() -> Result<()> {
     Ok(())
 }
 
+/// The Node package of the real-client tests (@grpc/grpc-js, pinned by its lockfile).
+const NPM_DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../daemon/tests/support/grpc_js"
+);
+
+/// Installs the lockfile's Node packages (`npm ci`) unless the installed @grpc/grpc-js already
+/// is the locked version.
+fn npm_packages() -> Result<()> {
+    if !have("node") || !have("npm") {
+        bail!(
+            "node and npm are missing: the real-client tests run @grpc/grpc-js (Node 20 or newer)"
+        );
+    }
+    let locked = "const l = require('./package-lock.json'); \
+        const i = require('./node_modules/@grpc/grpc-js/package.json'); \
+        process.exit(l.packages['node_modules/@grpc/grpc-js'].version === i.version ? 0 : 1)";
+    let ok = Command::new("node")
+        .args(["-e", locked])
+        .current_dir(NPM_DIR)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        return Ok(());
+    }
+    eprintln!("setup: installing @grpc/grpc-js from npm (npm ci in {NPM_DIR})");
+    if !status(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel", "error"])
+            .current_dir(NPM_DIR),
+    )? {
+        bail!("npm ci in {NPM_DIR} failed");
+    }
+    Ok(())
+}
+
 fn mounted(path: &str) -> bool {
     std::fs::read_to_string("/proc/self/mounts")
         .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(path)))
@@ -238,6 +276,7 @@ pub fn run() -> Result<()> {
     }
     packages()?;
     pip_packages()?;
+    npm_packages()?;
     mounts()?;
     Ok(())
 }
