@@ -153,13 +153,15 @@ fn require_ok(cmd: &mut Command, missing: &str) {
     }
 }
 
-/// Builds the example `grpc_tonic` with the cargo running the tests (a no-op when `cargo test`
-/// built it already) and returns its path.
+/// Builds the example `grpc_tonic` with the cargo running the tests and returns its path. It
+/// builds from the workspace root for the default members, as `cargo test` there does, so the
+/// features unify alike and the build is a no-op when `cargo test` built the example already
+/// (`--package fanout` would resolve features anew and rebuild half the dependencies).
 fn build_tonic_example() -> PathBuf {
     let out = Command::new(env!("CARGO"))
-        .args(["build", "--package", "fanout", "--example", "grpc_tonic"])
+        .args(["build", "--example", "grpc_tonic"])
         .args(["--message-format", "json-render-diagnostics"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .stderr(Stdio::inherit())
         .output()
         .expect("run cargo to build the tonic example");
