@@ -73,8 +73,11 @@ pub struct AgentOptions {
     /// Recover connections that predate the daemon from /proc, and keep comparing the table with
     /// the kernel's socket tables afterwards.
     pub recover: bool,
-    /// How often the table is compared with the kernel's socket tables.
+    /// How often the table may be compared with the kernel's socket tables: at this interval
+    /// after lost records, else every `reconcile_full_interval`.
     pub reconcile_interval: Duration,
+    /// The longest time between two comparisons when no record was lost.
+    pub reconcile_full_interval: Duration,
     pub proc_root: PathBuf,
     pub netns_dirs: Vec<PathBuf>,
     pub identity: IdentitySource,
@@ -95,6 +98,7 @@ impl Default for AgentOptions {
             poll_interval: Duration::from_millis(100),
             recover: true,
             reconcile_interval: Duration::from_secs(4),
+            reconcile_full_interval: Duration::from_secs(60),
             proc_root: PathBuf::from("/proc"),
             netns_dirs: crate::probe::default_netns_dirs(),
             identity: IdentitySource::None,
@@ -238,6 +242,7 @@ impl Agent {
                 proc_root: opts.proc_root.clone(),
                 netns_dirs: opts.netns_dirs.clone(),
                 interval: opts.reconcile_interval,
+                full_interval: opts.reconcile_full_interval,
                 poll_interval: opts.poll_interval,
                 enabled: opts.recover,
             },

@@ -73,10 +73,15 @@ pub struct RunArgs {
     /// kernel's socket tables later).
     #[arg(long)]
     pub no_recover: bool,
-    /// How often the connection table is compared with the kernel's socket tables: a row whose
-    /// socket is gone (a lost close) disappears, and a missed open appears, within two rounds.
+    /// How often the connection table is compared with the kernel's socket tables after lost
+    /// records: a row whose socket is gone (a lost close) disappears, and a missed open appears,
+    /// within two rounds.
     #[arg(long, default_value = "4s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
+    /// How often the table is compared with the kernel's socket tables when no record was lost
+    /// (a safety net: with nothing lost the table equals the kernel's).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub reconcile_full_interval: Duration,
     /// cgroup v2 directory whose egress traffic is scanned for HTTP/2 requests (default: the
     /// host's cgroup v2 root, found among the cgroup2 mounts (e.g. the host's /sys/fs/cgroup
     /// mounted at /host/sys/fs/cgroup) or through <proc-root>/1/root; never a container's own
@@ -164,6 +169,7 @@ impl RunArgs {
             poll_interval: self.poll_interval,
             recover: !self.no_recover,
             reconcile_interval: self.reconcile_interval,
+            reconcile_full_interval: self.reconcile_full_interval,
             proc_root: self.proc_root.clone(),
             netns_dirs: crate::probe::default_netns_dirs(),
             identity: match (&self.inventory, self.kube) {

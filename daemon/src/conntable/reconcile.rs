@@ -47,6 +47,12 @@ impl Reconciler {
         self.rounds
     }
 
+    /// Whether the last round left suspects (a row missing from the kernel, or a kernel
+    /// connection absent from the table, once): the next round decides them.
+    pub fn has_suspects(&self) -> bool {
+        !self.missing.is_empty() || !self.unknown.is_empty()
+    }
+
     /// One comparison. `table` holds the keys of the table's rows taken before the kernel's
     /// tables were read; `kernel` the connections read, for the namespaces in `covered`.
     pub fn round(

@@ -112,6 +112,8 @@ pub struct Metrics {
     /// Kernel loss totals last read, to turn them into counter increments.
     kernel_lost_seen: [AtomicU64; fanout_common::LostReason::COUNT as usize],
     kube_seen: [AtomicU64; 2],
+    /// The sum of `lost` ([`Metrics::losses`]).
+    losses: AtomicU64,
 }
 
 /// Sets (Some) or removes (None) a feature's `fanout_feature_enabled` series.
@@ -134,11 +136,14 @@ pub fn set_feature(
 }
 
 /// Raises `counter` to an externally kept running `total` (`seen` is the total last applied).
-fn bump_to(counter: &Counter, seen: &AtomicU64, total: u64) {
+/// Raises `counter` by what `total` grew since `seen`; returns that growth.
+fn bump_to(counter: &Counter, seen: &AtomicU64, total: u64) -> u64 {
     let before = seen.swap(total, std::sync::atomic::Ordering::Relaxed);
     if total > before {
         counter.inc_by(total - before);
+        return total - before;
     }
+    0
 }
 
 impl Default for Metrics {
@@ -327,6 +332,7 @@ impl Metrics {
             recovered,
             build_info,
             kernel_lost_seen: Default::default(),
+            losses: AtomicU64::new(0),
         }
     }
 
@@ -432,8 +438,16 @@ impl Metrics {
             let counter = self.lost.get_or_create(&ReasonLabels {
                 reason: reason.as_str(),
             });
-            bump_to(&counter, &self.kernel_lost_seen[reason as usize], total);
+            let grew = bump_to(&counter, &self.kernel_lost_seen[reason as usize], total);
+            self.losses
+                .fetch_add(grew, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Records lost or degraded so far, all reasons together (what `fanout_events_lost_total`
+    /// sums to): reconciliation runs while this moves.
+    pub fn losses(&self) -> u64 {
+        self.losses.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Brings the per-program skipped-run counters up to the kernel's totals.
@@ -461,7 +475,9 @@ impl Metrics {
         let counter = self.lost.get_or_create(&ReasonLabels {
             reason: "kernel_skipped",
         });
-        bump_to(&counter, &self.kernel_skipped_seen, skipped);
+        let grew = bump_to(&counter, &self.kernel_skipped_seen, skipped);
+        self.losses
+            .fetch_add(grew, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn inventory_reload(&self, ok: bool) {
@@ -496,6 +512,8 @@ impl Metrics {
 
     pub fn lost_user(&self, reason: &'static str) {
         self.lost.get_or_create(&ReasonLabels { reason }).inc();
+        self.losses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn encode(&self) -> Result<String, std::fmt::Error> {

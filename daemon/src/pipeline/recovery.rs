@@ -6,8 +6,14 @@
 //!   happens here, never in the pipeline; the comparison's state ([`Reconciler`]) is this task's
 //!   own.
 //! - Startup recovery is the first round: what the kernel has and the tracer has not reported
-//!   predates the tracer. Later rounds, every `interval`, remove rows whose socket is gone and
-//!   add sockets the table missed (see [`crate::conntable::reconcile`]).
+//!   predates the tracer. Later rounds remove rows whose socket is gone and add sockets the table
+//!   missed (see [`crate::conntable::reconcile`]).
+//! - A later round runs at an `interval` tick only when it can find something: records were lost
+//!   since the last tick (then for [`ROUNDS_AFTER_LOSS`] ticks), the last round left suspects, or
+//!   `full_interval` passed since the last round (a safety net for drift no loss counter saw).
+//!   With nothing lost the table equals the kernel's by construction, and reading every
+//!   namespace's socket tables is most of the daemon's CPU on a busy node (the kernel walks its
+//!   whole established hash, TIME_WAIT included, and formats a line per socket).
 //! - What the startup scan could not read for lack of permission becomes degraded features, with
 //!   the fix, and the daemon is ready once the first round is applied.
 
@@ -36,6 +42,8 @@ pub struct Recovery {
     pub proc_root: PathBuf,
     pub netns_dirs: Vec<PathBuf>,
     pub interval: Duration,
+    /// The longest time without a round when nothing was lost.
+    pub full_interval: Duration,
     /// The reader's poll interval: how long a record can wait in the ring.
     pub poll_interval: Duration,
     pub enabled: bool,
@@ -70,14 +78,97 @@ pub async fn run(
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let mut due = RoundsDue::new(
+        metrics.losses(),
+        cfg.full_interval,
+        std::time::Instant::now(),
+    );
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
+        if !due.now(
+            metrics.losses(),
+            reconciler.has_suspects(),
+            std::time::Instant::now(),
+        ) {
+            continue;
+        }
         if !round(&cfg, &mut reconciler, &pipeline, &metrics).await {
             return;
         }
+    }
+}
+
+/// Rounds at the ticks after a loss, so that a loss seen just before a tick (its records still
+/// in the ring) is still judged twice.
+pub const ROUNDS_AFTER_LOSS: u32 = 3;
+
+/// Which ticks get a round (the module's invariants).
+#[derive(Debug)]
+struct RoundsDue {
+    losses_seen: u64,
+    after_loss: u32,
+    last_round: std::time::Instant,
+    full_interval: Duration,
+}
+
+impl RoundsDue {
+    /// `now`: when the last round (startup's) ran.
+    fn new(losses: u64, full_interval: Duration, now: std::time::Instant) -> Self {
+        RoundsDue {
+            losses_seen: losses,
+            after_loss: 0,
+            last_round: now,
+            full_interval,
+        }
+    }
+
+    /// Whether the tick at `now` runs a round, given the loss total and whether the last round
+    /// left suspects; a true answer counts as a round done at `now`.
+    fn now(&mut self, losses: u64, suspects: bool, now: std::time::Instant) -> bool {
+        if losses != self.losses_seen {
+            self.losses_seen = losses;
+            self.after_loss = ROUNDS_AFTER_LOSS;
+        }
+        let due = self.after_loss > 0
+            || suspects
+            || now.saturating_duration_since(self.last_round) >= self.full_interval;
+        if due {
+            self.after_loss = self.after_loss.saturating_sub(1);
+            self.last_round = now;
+        }
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_run_after_losses_with_suspects_and_at_the_full_interval() {
+        let t0 = std::time::Instant::now();
+        let s = Duration::from_secs(1);
+        let mut due = RoundsDue::new(5, 60 * s, t0);
+        // Nothing lost, nothing suspect: no round until the full interval.
+        assert!(!due.now(5, false, t0 + 4 * s));
+        assert!(!due.now(5, false, t0 + 8 * s));
+        assert!(due.now(5, false, t0 + 60 * s));
+        assert!(!due.now(5, false, t0 + 64 * s));
+        // A loss: the next ROUNDS_AFTER_LOSS ticks run, then quiet again.
+        assert!(due.now(7, false, t0 + 68 * s));
+        assert!(due.now(7, false, t0 + 72 * s));
+        assert!(due.now(7, false, t0 + 76 * s));
+        assert!(!due.now(7, false, t0 + 80 * s));
+        // Suspects keep rounds going until the round that decides them.
+        assert!(due.now(7, true, t0 + 84 * s));
+        assert!(due.now(7, true, t0 + 88 * s));
+        assert!(!due.now(7, false, t0 + 92 * s));
+        // The full interval counts from the last round.
+        assert!(!due.now(7, false, t0 + 147 * s));
+        assert!(due.now(7, false, t0 + 148 * s));
     }
 }
 
