@@ -143,35 +143,6 @@ impl RoundsDue {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rounds_run_after_losses_with_suspects_and_at_the_full_interval() {
-        let t0 = std::time::Instant::now();
-        let s = Duration::from_secs(1);
-        let mut due = RoundsDue::new(5, 60 * s, t0);
-        // Nothing lost, nothing suspect: no round until the full interval.
-        assert!(!due.now(5, false, t0 + 4 * s));
-        assert!(!due.now(5, false, t0 + 8 * s));
-        assert!(due.now(5, false, t0 + 60 * s));
-        assert!(!due.now(5, false, t0 + 64 * s));
-        // A loss: the next ROUNDS_AFTER_LOSS ticks run, then quiet again.
-        assert!(due.now(7, false, t0 + 68 * s));
-        assert!(due.now(7, false, t0 + 72 * s));
-        assert!(due.now(7, false, t0 + 76 * s));
-        assert!(!due.now(7, false, t0 + 80 * s));
-        // Suspects keep rounds going until the round that decides them.
-        assert!(due.now(7, true, t0 + 84 * s));
-        assert!(due.now(7, true, t0 + 88 * s));
-        assert!(!due.now(7, false, t0 + 92 * s));
-        // The full interval counts from the last round.
-        assert!(!due.now(7, false, t0 + 147 * s));
-        assert!(due.now(7, false, t0 + 148 * s));
-    }
-}
-
 async fn startup(
     cfg: &Recovery,
     reconciler: &mut Reconciler,
@@ -354,5 +325,34 @@ fn report_recovery(features: &Features, r: &RecoveryReport) {
             ),
             fix,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_run_after_losses_with_suspects_and_at_the_full_interval() {
+        let t0 = std::time::Instant::now();
+        let s = Duration::from_secs(1);
+        let mut due = RoundsDue::new(5, 60 * s, t0);
+        // Nothing lost, nothing suspect: no round until the full interval.
+        assert!(!due.now(5, false, t0 + 4 * s));
+        assert!(!due.now(5, false, t0 + 8 * s));
+        assert!(due.now(5, false, t0 + 60 * s));
+        assert!(!due.now(5, false, t0 + 64 * s));
+        // A loss: the next ROUNDS_AFTER_LOSS ticks run, then quiet again.
+        assert!(due.now(7, false, t0 + 68 * s));
+        assert!(due.now(7, false, t0 + 72 * s));
+        assert!(due.now(7, false, t0 + 76 * s));
+        assert!(!due.now(7, false, t0 + 80 * s));
+        // Suspects keep rounds going until the round that decides them.
+        assert!(due.now(7, true, t0 + 84 * s));
+        assert!(due.now(7, true, t0 + 88 * s));
+        assert!(!due.now(7, false, t0 + 92 * s));
+        // The full interval counts from the last round.
+        assert!(!due.now(7, false, t0 + 147 * s));
+        assert!(due.now(7, false, t0 + 148 * s));
     }
 }
