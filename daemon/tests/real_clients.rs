@@ -77,6 +77,26 @@ impl Drop for Scratch {
     }
 }
 
+/// Tests `$scenario` with each [`Stack`], as three tests named after the stacks.
+macro_rules! per_stack {
+    ($scenario:ident: $grpcio:ident, $grpc_js:ident, $tonic:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $grpcio() {
+            $scenario(Stack::Grpcio).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $grpc_js() {
+            $scenario(Stack::GrpcJs).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $tonic() {
+            $scenario(Stack::Tonic).await;
+        }
+    };
+}
+
 /// A gRPC implementation whose servers and clients the tests run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stack {
@@ -90,11 +110,25 @@ enum Stack {
 }
 
 impl Stack {
-    /// Fails (never skips) unless the stack can run; returns the program and the arguments
-    /// before a role's own flags.
+    /// The program and the arguments before a role's own flags. The first call per stack fails
+    /// (never skips) unless the stack can run; later calls reuse that check.
     fn command(self, role: Role) -> (PathBuf, Vec<String>) {
-        static TONIC: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        static READY: [std::sync::OnceLock<PathBuf>; 3] = [const { std::sync::OnceLock::new() }; 3];
+        let program = READY[self as usize].get_or_init(|| self.require()).clone();
         let role = role.as_str();
+        let pre = match self {
+            Stack::Grpcio => {
+                let script = Path::new(PY_DIR).join(format!("{role}.py"));
+                vec!["-u".into(), path_str(&script)]
+            }
+            Stack::GrpcJs => vec![path_str(&Path::new(JS_DIR).join(format!("{role}.js")))],
+            Stack::Tonic => vec![role.to_string()],
+        };
+        (program, pre)
+    }
+
+    /// Panics, naming what is missing, unless the stack can run; returns its program.
+    fn require(self) -> PathBuf {
         match self {
             Stack::Grpcio => {
                 require_ok(
@@ -102,8 +136,7 @@ impl Stack {
                     "python3 cannot import grpc: the Python package grpcio is missing (install it \
                      with `cargo xtask setup` or `python3 -m pip install grpcio`)",
                 );
-                let script = Path::new(PY_DIR).join(format!("{role}.py"));
-                ("python3".into(), vec!["-u".into(), path_str(&script)])
+                "python3".into()
             }
             Stack::GrpcJs => {
                 require_ok(
@@ -114,13 +147,9 @@ impl Stack {
                     "node cannot load @grpc/grpc-js: install it with `cargo xtask setup` (or \
                      `npm ci` in daemon/tests/support/grpc_js; Node 20 or newer)",
                 );
-                let script = Path::new(JS_DIR).join(format!("{role}.js"));
-                ("node".into(), vec![path_str(&script)])
+                "node".into()
             }
-            Stack::Tonic => {
-                let bin = TONIC.get_or_init(build_tonic_example).clone();
-                (bin, vec![role.to_string()])
-            }
+            Stack::Tonic => build_tonic_example(),
         }
     }
 }
@@ -177,8 +206,9 @@ fn build_tonic_example() -> PathBuf {
         .expect("cargo named the grpc_tonic executable")
 }
 
-/// A server or client process of a [`Stack`] in a pod's network namespace. Its stdout lines arrive on a channel; closing
-/// its stdin asks it to stop and print its JSON report. Dropping it kills it.
+/// A server or client process of a [`Stack`] in a pod's network namespace. Its stdout lines
+/// arrive on a channel; closing its stdin asks it to stop and print its JSON report. Dropping it
+/// kills it.
 struct Proc {
     what: String,
     child: Child,
@@ -435,6 +465,27 @@ impl Backends {
         }
     }
 
+    /// TLS backends: a CA and a server certificate for the pods' addresses (made in `dir`), then
+    /// the servers on [`TLS_PORT`]. Returns them and the CA's certificate, for the clients.
+    fn start_tls(
+        stack: Stack,
+        lab: &Lab,
+        dir: &Path,
+        service: &'static str,
+        pods: std::ops::Range<usize>,
+    ) -> (Backends, PathBuf) {
+        let ips: Vec<_> = pods.clone().map(|i| lab.pod(i).ipv4).collect();
+        let (ca, cert, key) = make_certs(dir, &ips);
+        let args = [
+            "--tls-cert".to_string(),
+            path_str(&cert),
+            "--tls-key".into(),
+            path_str(&key),
+        ];
+        let backends = Backends::start(stack, lab, service, pods, TLS_PORT, &args);
+        (backends, ca)
+    }
+
     /// Puts a ClusterIP in front of the servers: the lab node DNATs each connection to `vip` to
     /// one of them at random, as kube-proxy does.
     fn cluster_ip(mut self, lab: &Lab, vip: SocketAddr) -> Backends {
@@ -595,6 +646,22 @@ fn client(stack: Stack, lab: &Lab, pod: usize, backends: &Backends, spec: Client
     }
 }
 
+/// Starts a client per (pod, backends, spec) and waits until each has had its first call answered.
+fn start_clients(
+    stack: Stack,
+    lab: &Lab,
+    specs: Vec<(usize, &Backends, ClientSpec)>,
+) -> Vec<Client> {
+    let clients: Vec<Client> = specs
+        .into_iter()
+        .map(|(pod, backends, spec)| client(stack, lab, pod, backends, spec))
+        .collect();
+    for c in &clients {
+        c.proc.wait_line("first ok", Duration::from_secs(30));
+    }
+    clients
+}
+
 fn balances(agent: &Agent, service: &str) -> Vec<serde_json::Value> {
     let path = format!("/services/shop/{service}/balance");
     let (code, body) = http::get(agent.http_addr(), &path).expect("GET balance");
@@ -630,6 +697,35 @@ fn verdicts_when(
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// Waits for every client's expected verdict ([`verdicts_when`], up to 8 s), prints each
+/// client's figures, and fails naming every client whose verdict differs. Returns the balances.
+fn assert_verdicts(
+    agent: &Agent,
+    want: &[(&str, &str, Verdict)],
+) -> BTreeMap<String, serde_json::Value> {
+    let got = tokio::task::block_in_place(|| verdicts_when(agent, want, Duration::from_secs(8)));
+    let mut wrong = Vec::new();
+    for (c, _, v) in want {
+        let b = got
+            .get(*c)
+            .unwrap_or_else(|| panic!("no balance for {c}: {got:#?}"));
+        eprintln!(
+            "{c}: {} source={} connected={} opens={} requests={} per_backend={}",
+            b["verdict"],
+            b["source"],
+            b["connected"],
+            b["opens"],
+            b["requests"],
+            b["requests_per_backend"]
+        );
+        if b["verdict"].as_str() != Some(v.as_str()) {
+            wrong.push(format!("{c}: want {}, got {b:#}", v.as_str()));
+        }
+    }
+    assert!(wrong.is_empty(), "wrong verdicts:\n{}", wrong.join("\n"));
+    got
 }
 
 /// The connections of client pod `pod` whose requests do not come from HTTP/2 frames, with why
@@ -718,6 +814,13 @@ fn assert_no_failures(name: &str, report: &serde_json::Value) {
     );
 }
 
+per_stack!(
+    h2c_and_tls:
+    grpcio_h2c_and_tls_clients_get_the_verdicts_and_exact_counts,
+    grpc_js_h2c_and_tls_clients_get_the_verdicts_and_exact_counts,
+    tonic_h2c_and_tls_clients_get_the_verdicts_and_exact_counts
+);
+
 /// Eight clients of one stack side by side on three h2c backends (headless service `api`) and
 /// three TLS backends (`secure`): round_robin, pick_first and a channel per call on each, a
 /// round_robin client making server-streaming calls with keepalive PINGs every 50 ms, and a
@@ -725,23 +828,6 @@ fn assert_no_failures(name: &str, report: &serde_json::Value) {
 /// verdicts of the TLS clients equal those of their h2c twins; the h2c requests fanout counts per
 /// (client pod, backend pod) equal what the client got from there and, summed over the clients,
 /// what each server answered (unary and streaming apart).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpcio_h2c_and_tls_clients_get_the_verdicts_and_exact_counts() {
-    h2c_and_tls(Stack::Grpcio).await;
-}
-
-/// [`grpcio_h2c_and_tls_clients_get_the_verdicts_and_exact_counts`] with @grpc/grpc-js.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_js_h2c_and_tls_clients_get_the_verdicts_and_exact_counts() {
-    h2c_and_tls(Stack::GrpcJs).await;
-}
-
-/// [`grpcio_h2c_and_tls_clients_get_the_verdicts_and_exact_counts`] with tonic.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tonic_h2c_and_tls_clients_get_the_verdicts_and_exact_counts() {
-    h2c_and_tls(Stack::Tonic).await;
-}
-
 async fn h2c_and_tls(stack: Stack) {
     let _one = SERIAL.lock().await;
     lab::require_root("the real-client tests load eBPF programs and build a lab");
@@ -750,16 +836,8 @@ async fn h2c_and_tls(stack: Stack) {
     let lab = Lab::new(14).expect("lab");
     let scratch = Scratch::new(&lab);
     let dir = scratch.0.clone();
-    let tls_ips: Vec<_> = (11..14).map(|i| lab.pod(i).ipv4).collect();
-    let (ca, cert, key) = make_certs(&dir, &tls_ips);
     let api = Backends::start(stack, &lab, "api", 8..11, H2C_PORT, &[]);
-    let tls_args = [
-        "--tls-cert".to_string(),
-        path_str(&cert),
-        "--tls-key".into(),
-        path_str(&key),
-    ];
-    let secure = Backends::start(stack, &lab, "secure", 11..14, TLS_PORT, &tls_args);
+    let (secure, ca) = Backends::start_tls(stack, &lab, &dir, "secure", 11..14);
     let names = [
         ("rr", 0),
         ("pf", 1),
@@ -785,38 +863,24 @@ async fn h2c_and_tls(stack: Stack) {
         target: Some(api.target_first(2)),
         ..ClientSpec::new("stale", "round_robin")
     };
-    let clients = vec![
-        client(stack, &lab, 0, &api, ClientSpec::new("rr", "round_robin")),
-        client(stack, &lab, 1, &api, ClientSpec::new("pf", "pick_first")),
-        client(stack, &lab, 2, &api, ClientSpec::new("dial", "per_call")),
-        client(stack, &lab, 3, &api, stream),
-        client(stack, &lab, 4, &api, stale),
-        client(
-            stack,
-            &lab,
-            5,
-            &secure,
-            ClientSpec::new("rr-tls", "round_robin").tls(&ca),
-        ),
-        client(
-            stack,
-            &lab,
-            6,
-            &secure,
-            ClientSpec::new("pf-tls", "pick_first").tls(&ca),
-        ),
-        client(
-            stack,
-            &lab,
-            7,
-            &secure,
-            ClientSpec::new("dial-tls", "per_call").tls(&ca),
-        ),
-    ];
-    for c in &clients {
-        c.proc.wait_line("first ok", Duration::from_secs(30));
-    }
-    let traffic = Instant::now();
+    let clients = start_clients(
+        stack,
+        &lab,
+        vec![
+            (0, &api, ClientSpec::new("rr", "round_robin")),
+            (1, &api, ClientSpec::new("pf", "pick_first")),
+            (2, &api, ClientSpec::new("dial", "per_call")),
+            (3, &api, stream),
+            (4, &api, stale),
+            (
+                5,
+                &secure,
+                ClientSpec::new("rr-tls", "round_robin").tls(&ca),
+            ),
+            (6, &secure, ClientSpec::new("pf-tls", "pick_first").tls(&ca)),
+            (7, &secure, ClientSpec::new("dial-tls", "per_call").tls(&ca)),
+        ],
+    );
 
     // More than a whole window of traffic, then every verdict (read again while it settles).
     tokio::time::sleep(WINDOW + Duration::from_millis(2000)).await;
@@ -830,37 +894,7 @@ async fn h2c_and_tls(stack: Stack) {
         ("pf-tls", "secure", Verdict::PickFirst),
         ("dial-tls", "secure", Verdict::DialPerRequest),
     ];
-    let got = tokio::task::block_in_place(|| verdicts_when(&agent, &want, Duration::from_secs(8)));
-    let summary: Vec<String> = want
-        .iter()
-        .map(|(c, _, _)| {
-            let b = &got[*c];
-            format!(
-                "{c}: {} source={} connected={} opens={} requests={} per_backend={}",
-                b["verdict"],
-                b["source"],
-                b["connected"],
-                b["opens"],
-                b["requests"],
-                b["requests_per_backend"]
-            )
-        })
-        .collect();
-    eprintln!(
-        "verdicts after {:?} of traffic:\n  {}",
-        traffic.elapsed(),
-        summary.join("\n  ")
-    );
-    let mut wrong = Vec::new();
-    for (c, _, v) in &want {
-        let b = got
-            .get(*c)
-            .unwrap_or_else(|| panic!("no balance for {c}: {got:#?}"));
-        if b["verdict"].as_str() != Some(v.as_str()) {
-            wrong.push(format!("{c}: want {}, got {b:#}", v.as_str()));
-        }
-    }
-    assert!(wrong.is_empty(), "wrong verdicts:\n{}", wrong.join("\n"));
+    let got = assert_verdicts(&agent, &want);
     for c in ["rr", "pf", "dial", "stream", "stale"] {
         assert_eq!(got[c]["source"], "h2", "{c}: h2c is counted from frames");
     }
@@ -1025,26 +1059,16 @@ async fn h2c_and_tls(stack: Stack) {
     eprintln!("test took {:?}", started.elapsed());
 }
 
+per_stack!(
+    max_connection_age:
+    grpcio_max_connection_age_is_round_robin_with_exact_counts,
+    grpc_js_max_connection_age_is_round_robin_with_exact_counts,
+    tonic_max_connection_age_is_round_robin_with_exact_counts
+);
+
 /// Servers with MaxConnectionAge 2.5 s (grace 1 s) make a round_robin client reconnect every few
 /// seconds: still round_robin, not dial_per_request, and every h2c request counted once, on the
 /// backend that answered it, across the GOAWAYs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpcio_max_connection_age_is_round_robin_with_exact_counts() {
-    max_connection_age(Stack::Grpcio).await;
-}
-
-/// [`grpcio_max_connection_age_is_round_robin_with_exact_counts`] with @grpc/grpc-js.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_js_max_connection_age_is_round_robin_with_exact_counts() {
-    max_connection_age(Stack::GrpcJs).await;
-}
-
-/// [`grpcio_max_connection_age_is_round_robin_with_exact_counts`] with tonic.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tonic_max_connection_age_is_round_robin_with_exact_counts() {
-    max_connection_age(Stack::Tonic).await;
-}
-
 async fn max_connection_age(stack: Stack) {
     let _one = SERIAL.lock().await;
     lab::require_root("the real-client tests load eBPF programs and build a lab");
@@ -1056,15 +1080,17 @@ async fn max_connection_age(stack: Stack) {
     let api = Backends::start(stack, &lab, "api", 1..4, H2C_PORT, &age);
     inventory(&lab, &dir, &[("rr", 0)], &[&api]);
     let agent = start_agent(&dir, None).await;
-    let c = client(stack, &lab, 0, &api, ClientSpec::new("rr", "round_robin"));
-    c.proc.wait_line("first ok", Duration::from_secs(30));
+    let mut clients = start_clients(
+        stack,
+        &lab,
+        vec![(0, &api, ClientSpec::new("rr", "round_robin"))],
+    );
+    let c = clients.remove(0);
 
     tokio::time::sleep(WINDOW + Duration::from_millis(3000)).await;
     let want = [("rr", "api", Verdict::RoundRobin)];
-    let got = tokio::task::block_in_place(|| verdicts_when(&agent, &want, Duration::from_secs(6)));
-    let b = got.get("rr").expect("a balance for rr");
-    eprintln!("max connection age: {b:#}");
-    assert_eq!(b["verdict"], Verdict::RoundRobin.as_str(), "{b:#}");
+    let got = assert_verdicts(&agent, &want);
+    let b = &got["rr"];
     assert_eq!(b["source"], "h2", "{b:#}");
     assert!(
         b["opens"].as_u64().unwrap_or(0) >= 3,
@@ -1130,29 +1156,19 @@ async fn max_connection_age(stack: Stack) {
     eprintln!("test took {:?}", started.elapsed());
 }
 
+per_stack!(
+    through_a_cluster_ip:
+    grpcio_through_a_cluster_ip,
+    grpc_js_through_a_cluster_ip,
+    tonic_through_a_cluster_ip
+);
+
 /// Clients through ClusterIPs: the node picks a backend per connection. A round_robin channel to
 /// a ClusterIP holds one connection, so it is pick_first in effect (the mistake fanout exists to
 /// show); a channel per call through it is dial_per_request, h2c and TLS alike. Opens per backend
 /// pod (found through the node's conntrack table) equal the calls each server answered (a
 /// connection per call), and every h2c request of both h2c clients is counted from HTTP/2
 /// frames, exactly, per backend pod.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpcio_through_a_cluster_ip() {
-    through_a_cluster_ip(Stack::Grpcio).await;
-}
-
-/// [`grpcio_through_a_cluster_ip`] with @grpc/grpc-js.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_js_through_a_cluster_ip() {
-    through_a_cluster_ip(Stack::GrpcJs).await;
-}
-
-/// [`grpcio_through_a_cluster_ip`] with tonic.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tonic_through_a_cluster_ip() {
-    through_a_cluster_ip(Stack::Tonic).await;
-}
-
 async fn through_a_cluster_ip(stack: Stack) {
     let _one = SERIAL.lock().await;
     lab::require_root("the real-client tests load eBPF programs and build a lab");
@@ -1161,70 +1177,34 @@ async fn through_a_cluster_ip(stack: Stack) {
     let lab = Lab::new(9).expect("lab");
     let scratch = Scratch::new(&lab);
     let dir = scratch.0.clone();
-    let tls_ips: Vec<_> = (6..9).map(|i| lab.pod(i).ipv4).collect();
-    let (ca, cert, key) = make_certs(&dir, &tls_ips);
     let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
     let tls_vip: SocketAddr = "10.96.0.11:443".parse().expect("vip");
     let api = Backends::start(stack, &lab, "api", 3..6, H2C_PORT, &[]).cluster_ip(&lab, vip);
-    let tls_args = [
-        "--tls-cert".to_string(),
-        path_str(&cert),
-        "--tls-key".into(),
-        path_str(&key),
-    ];
-    let secure =
-        Backends::start(stack, &lab, "secure", 6..9, TLS_PORT, &tls_args).cluster_ip(&lab, tls_vip);
+    let (secure, ca) = Backends::start_tls(stack, &lab, &dir, "secure", 6..9);
+    let secure = secure.cluster_ip(&lab, tls_vip);
     let names = [("vip-rr", 0), ("vip-dial", 1), ("vip-dial-tls", 2)];
     inventory(&lab, &dir, &names, &[&api, &secure]);
     let agent = start_agent(&dir, Some(lab.node_netns_path())).await;
-    let clients = vec![
-        client(
-            stack,
-            &lab,
-            0,
-            &api,
-            ClientSpec::new("vip-rr", "round_robin"),
-        ),
-        client(
-            stack,
-            &lab,
-            1,
-            &api,
-            ClientSpec::new("vip-dial", "per_call"),
-        ),
-        client(
-            stack,
-            &lab,
-            2,
-            &secure,
-            ClientSpec::new("vip-dial-tls", "per_call").tls(&ca),
-        ),
-    ];
-    for c in &clients {
-        c.proc.wait_line("first ok", Duration::from_secs(30));
-    }
+    let clients = start_clients(
+        stack,
+        &lab,
+        vec![
+            (0, &api, ClientSpec::new("vip-rr", "round_robin")),
+            (1, &api, ClientSpec::new("vip-dial", "per_call")),
+            (
+                2,
+                &secure,
+                ClientSpec::new("vip-dial-tls", "per_call").tls(&ca),
+            ),
+        ],
+    );
     tokio::time::sleep(WINDOW + Duration::from_millis(2000)).await;
     let want = [
         ("vip-rr", "api", Verdict::PickFirst),
         ("vip-dial", "api", Verdict::DialPerRequest),
         ("vip-dial-tls", "secure", Verdict::DialPerRequest),
     ];
-    let got = tokio::task::block_in_place(|| verdicts_when(&agent, &want, Duration::from_secs(8)));
-    for (c, _, v) in &want {
-        let b = got
-            .get(*c)
-            .unwrap_or_else(|| panic!("no balance for {c}: {got:#?}"));
-        eprintln!(
-            "{c}: {} source={} connected={} opens={} requests={} per_backend={}",
-            b["verdict"],
-            b["source"],
-            b["connected"],
-            b["opens"],
-            b["requests"],
-            b["requests_per_backend"]
-        );
-        assert_eq!(b["verdict"], v.as_str(), "{c}: {b:#}");
-    }
+    let got = assert_verdicts(&agent, &want);
     assert_eq!(
         got["vip-rr"]["connected"], 1,
         "one connection through the VIP"
