@@ -36,6 +36,8 @@
 
 const fs = require('fs');
 
+const args = require('./args');
+
 /** The tracer and trace text (transport.js) of a keepalive PING's ack. */
 const KEEPALIVE_TRACER = 'keepalive';
 const KEEPALIVE_ACK = 'Received ping response';
@@ -83,43 +85,6 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 /** Bytes in, bytes out: no serializer. */
 const identity = (b) => b;
 
-/** argparse-like: `--flag value` or `--flag=value`; exits 2 with usage on a bad command line. */
-function parseArgs(argv, spec, usage) {
-  const out = {};
-  const fail = (msg) => {
-    process.stderr.write(`${usage}\nerror: ${msg}\n`);
-    process.exit(2);
-  };
-  for (let i = 0; i < argv.length; i++) {
-    let [flag, value] = argv[i].split(/=(.*)/s, 2);
-    const kind = spec[flag];
-    if (!kind) fail(`unrecognized argument: ${argv[i]}`);
-    const key = flag.slice(2).replace(/-/g, '_');
-    if (kind === 'flag') {
-      if (value !== undefined) fail(`argument ${flag}: ignored explicit argument '${value}'`);
-      out[key] = true;
-      continue;
-    }
-    if (value === undefined) {
-      if (i + 1 >= argv.length) fail(`argument ${flag}: expected one argument`);
-      value = argv[++i];
-    }
-    if (kind === 'number' || kind === 'int') {
-      const n = Number(value);
-      if (value === '' || !Number.isFinite(n) || (kind === 'int' && !Number.isInteger(n))) {
-        fail(`argument ${flag}: invalid ${kind}: ${value}`);
-      }
-      out[key] = n;
-    } else if (Array.isArray(kind)) {
-      if (!kind.includes(value)) fail(`argument ${flag}: invalid choice: ${value}`);
-      out[key] = value;
-    } else {
-      out[key] = value;
-    }
-  }
-  return out;
-}
-
 /** A failed call as client.py reports it: `<status>: <details>`, or the error's message. */
 function describe(e) {
   const text =
@@ -134,27 +99,22 @@ async function main() {
     'usage: client.js --target T --policy {pick_first,round_robin,per_call} [--tls-ca PEM] ' +
     '[--authority NAME] [--pace-ms MS] [--duration-s S] [--max-calls N] [--stream] ' +
     '[--keepalive-ms MS]';
-  const a = parseArgs(
+  const a = args.parse(
     process.argv.slice(2),
     {
-      '--target': 'string',
-      '--policy': POLICIES,
-      '--tls-ca': 'string', // CA certificate (PEM): TLS instead of h2c
-      '--authority': 'string', // TLS: the name the certificate is checked against
-      '--pace-ms': 'number',
-      '--duration-s': 'number',
-      '--max-calls': 'int',
-      '--stream': 'flag', // server-streaming calls
-      '--keepalive-ms': 'int', // HTTP/2 keepalive pings this often
+      'target': 'string',
+      'policy': POLICIES,
+      'tls-ca': 'string', // CA certificate (PEM): TLS instead of h2c
+      'authority': 'string', // TLS: the name the certificate is checked against
+      'pace-ms': 'number',
+      'duration-s': 'number',
+      'max-calls': 'int',
+      'stream': 'flag', // server-streaming calls
+      'keepalive-ms': 'int', // HTTP/2 keepalive pings this often
     },
     usage,
+    ['target', 'policy'],
   );
-  for (const required of ['target', 'policy']) {
-    if (a[required] === undefined) {
-      process.stderr.write(`${usage}\nerror: --${required} is required\n`);
-      process.exit(2);
-    }
-  }
   const authority = a.authority ?? 'backend.fanout.test';
   const paceMs = a.pace_ms ?? 40;
   const durationS = a.duration_s ?? 60;

@@ -25,6 +25,8 @@
 
 const fs = require('fs');
 
+const args = require('./args');
+
 let grpc;
 try {
   grpc = require('@grpc/grpc-js');
@@ -60,55 +62,23 @@ function method(name, responseStream) {
 
 const ECHO = { Call: method('Call', false), Stream: method('Stream', true) };
 
-/** argparse-like: `--flag value` or `--flag=value`; exits 2 with usage on a bad command line. */
-function parseArgs(argv, spec, usage) {
-  const out = {};
-  const fail = (msg) => {
-    process.stderr.write(`${usage}\nerror: ${msg}\n`);
-    process.exit(2);
-  };
-  for (let i = 0; i < argv.length; i++) {
-    let [flag, value] = argv[i].split(/=(.*)/s, 2);
-    const kind = spec[flag];
-    if (!kind) fail(`unrecognized argument: ${argv[i]}`);
-    const key = flag.slice(2).replace(/-/g, '_');
-    if (value === undefined) {
-      if (i + 1 >= argv.length) fail(`argument ${flag}: expected one argument`);
-      value = argv[++i];
-    }
-    if (kind === 'number') {
-      const n = Number(value);
-      if (value === '' || !Number.isFinite(n)) fail(`argument ${flag}: invalid number: ${value}`);
-      out[key] = n;
-    } else {
-      out[key] = value;
-    }
-  }
-  return out;
-}
-
 function main() {
   const usage =
     'usage: server.js --addr HOST:PORT --name NAME [--tls-cert PEM --tls-key PEM] ' +
     '[--max-connection-age-ms MS] [--deadline-s S]';
-  const a = parseArgs(
+  const a = args.parse(
     process.argv.slice(2),
     {
-      '--addr': 'string', // host:port to listen on
-      '--name': 'string', // backend name put in every reply
-      '--tls-cert': 'string',
-      '--tls-key': 'string',
-      '--max-connection-age-ms': 'number',
-      '--deadline-s': 'number',
+      'addr': 'string', // host:port to listen on
+      'name': 'string', // backend name put in every reply
+      'tls-cert': 'string',
+      'tls-key': 'string',
+      'max-connection-age-ms': 'number',
+      'deadline-s': 'number',
     },
     usage,
+    ['addr', 'name'],
   );
-  for (const required of ['addr', 'name']) {
-    if (a[required] === undefined) {
-      process.stderr.write(`${usage}\nerror: --${required} is required\n`);
-      process.exit(2);
-    }
-  }
   const deadlineS = a.deadline_s ?? 120;
 
   const counts = { unary: 0, streams: 0 };

@@ -11,16 +11,12 @@ Prints `first ok` once the first call succeeded.
 
 import argparse
 import json
-import os
-import sys
 import threading
 import time
 
-try:
-    import grpc
-except ImportError as e:  # the Rust test turns this into a failure naming what is missing
-    print(f"MISSING grpcio: {e} (pip install grpcio, or cargo xtask setup)", file=sys.stderr)
-    sys.exit(3)
+from common import import_grpc, set_on_stdin_eof
+
+grpc = import_grpc()
 
 ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 PICK_FIRST = json.dumps({"loadBalancingConfig": [{"pick_first": {}}]})
@@ -71,15 +67,7 @@ def main():
 
     stop = threading.Event()
 
-    def stdin_closed():
-        try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
-            pass
-        stop.set()
-
-    threading.Thread(target=stdin_closed, daemon=True).start()
+    set_on_stdin_eof(stop)
 
     ok, failed, channels = 0, 0, 0
     per_backend, errors = {}, []

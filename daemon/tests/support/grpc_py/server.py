@@ -9,17 +9,13 @@ Prints `listening <port>` once it serves, then serves until stdin closes, SIGTER
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
-import time
 
-try:
-    import grpc
-except ImportError as e:  # the Rust test turns this into a failure naming what is missing
-    print(f"MISSING grpcio: {e} (pip install grpcio, or cargo xtask setup)", file=sys.stderr)
-    sys.exit(3)
+from common import import_grpc, set_on_stdin_eof
+
+grpc = import_grpc()
 
 SERVICE = "fanout.lab.Echo"
 
@@ -89,15 +85,7 @@ def main():
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
 
-    def stdin_closed():
-        try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
-            pass
-        done.set()
-
-    threading.Thread(target=stdin_closed, daemon=True).start()
+    set_on_stdin_eof(done)
     done.wait(a.deadline_s)
     server.stop(1.0).wait(5.0)
     with lock:
