@@ -765,11 +765,12 @@ async fn client(a: ClientArgs, acks: Arc<AtomicU64>) -> Result<(), String> {
             }
             result = attempt_call(shared.as_ref(), &first, a.stream).await;
             match &result {
-                Err(status)
-                    if attempt < TRANSPARENT_RETRIES && never_processed(status).is_some() =>
-                {
+                Err(status) if attempt < TRANSPARENT_RETRIES => {
+                    let Some(refusal) = never_processed(status) else {
+                        break;
+                    };
                     retried += 1;
-                    if never_processed(status) == Some(Refusal::ByServer) {
+                    if refusal == Refusal::ByServer {
                         retried_maybe_sent += 1;
                     }
                     eprintln!("transparent retry after: {}", describe(status));

@@ -58,12 +58,15 @@ fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn have(bin: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {bin} >/dev/null 2>&1")])
+/// Whether `cmd` runs and succeeds (its stderr discarded): a check, never an error.
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stderr(std::process::Stdio::null())
         .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+        .is_ok_and(|s| s.success())
+}
+
+fn have(bin: &str) -> bool {
+    succeeds(Command::new("sh").args(["-c", &format!("command -v {bin} >/dev/null 2>&1")]))
 }
 
 fn cargo_home() -> PathBuf {
@@ -182,13 +185,7 @@ fn packages() -> Result<()> {
 /// Installs the PyPI packages into the `python3` on PATH (the one the tests run) when any of
 /// their modules does not import.
 fn pip_packages() -> Result<()> {
-    let ok = Command::new("python3")
-        .args(["-c", PIP_MODULES])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if ok {
+    if succeeds(Command::new("python3").args(["-c", PIP_MODULES])) {
         return Ok(());
     }
     eprintln!("setup: installing {} from PyPI", PIP_PACKAGES.join(" "));
@@ -225,14 +222,11 @@ fn npm_packages() -> Result<()> {
     let locked = "const l = require('./package-lock.json'); \
         const i = require('./node_modules/@grpc/grpc-js/package.json'); \
         process.exit(l.packages['node_modules/@grpc/grpc-js'].version === i.version ? 0 : 1)";
-    let ok = Command::new("node")
-        .args(["-e", locked])
-        .current_dir(NPM_DIR)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if ok {
+    if succeeds(
+        Command::new("node")
+            .args(["-e", locked])
+            .current_dir(NPM_DIR),
+    ) {
         return Ok(());
     }
     eprintln!("setup: installing @grpc/grpc-js from npm (npm ci in {NPM_DIR})");
