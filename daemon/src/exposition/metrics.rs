@@ -135,8 +135,8 @@ pub fn set_feature(
     }
 }
 
-/// Raises `counter` to an externally kept running `total` (`seen` is the total last applied).
-/// Raises `counter` by what `total` grew since `seen`; returns that growth.
+/// Raises `counter` to an externally kept running `total` (`seen` is the total last applied);
+/// returns by how much.
 fn bump_to(counter: &Counter, seen: &AtomicU64, total: u64) -> u64 {
     let before = seen.swap(total, std::sync::atomic::Ordering::Relaxed);
     if total > before {
@@ -438,9 +438,11 @@ impl Metrics {
             let counter = self.lost.get_or_create(&ReasonLabels {
                 reason: reason.as_str(),
             });
-            let grew = bump_to(&counter, &self.kernel_lost_seen[reason as usize], total);
-            self.losses
-                .fetch_add(grew, std::sync::atomic::Ordering::Relaxed);
+            self.add_losses(bump_to(
+                &counter,
+                &self.kernel_lost_seen[reason as usize],
+                total,
+            ));
         }
     }
 
@@ -448,6 +450,12 @@ impl Metrics {
     /// sums to): reconciliation runs while this moves.
     pub fn losses(&self) -> u64 {
         self.losses.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Adds to [`Metrics::losses`] what was just counted in `lost`.
+    fn add_losses(&self, n: u64) {
+        self.losses
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Brings the per-program skipped-run counters up to the kernel's totals.
@@ -475,9 +483,7 @@ impl Metrics {
         let counter = self.lost.get_or_create(&ReasonLabels {
             reason: "kernel_skipped",
         });
-        let grew = bump_to(&counter, &self.kernel_skipped_seen, skipped);
-        self.losses
-            .fetch_add(grew, std::sync::atomic::Ordering::Relaxed);
+        self.add_losses(bump_to(&counter, &self.kernel_skipped_seen, skipped));
     }
 
     pub fn inventory_reload(&self, ok: bool) {
@@ -512,8 +518,7 @@ impl Metrics {
 
     pub fn lost_user(&self, reason: &'static str) {
         self.lost.get_or_create(&ReasonLabels { reason }).inc();
-        self.losses
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.add_losses(1);
     }
 
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
@@ -539,6 +544,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("fanout_events_lost_total{reason=\"kernel_read\"} 0"));
-        assert!(text.ends_with("# EOF\n"));
+        assert!(text.ends_with("# EOF\n"));        // The running sum reconciliation watches: 7 from the kernel, then one decode loss.
+        assert_eq!(m.losses(), 7);
+        m.lost_user("decode_short");
+        assert_eq!(m.losses(), 8);
     }
 }
