@@ -544,7 +544,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("fanout_events_lost_total{reason=\"kernel_read\"} 0"));
-        assert!(text.ends_with("# EOF\n"));        // The running sum reconciliation watches: 7 from the kernel, then one decode loss.
+        assert!(text.ends_with("# EOF\n"));
+        // The running sum reconciliation watches: 7 from the kernel, then one decode loss.
         assert_eq!(m.losses(), 7);
         m.lost_user("decode_short");
         assert_eq!(m.losses(), 8);
