@@ -16,6 +16,7 @@ pub mod event;
 pub mod exposition;
 pub mod features;
 pub mod identity;
+pub mod keyed;
 pub mod pipeline;
 pub mod probe;
 pub mod verify;

@@ -590,28 +590,47 @@ fn socket_key(sk: *const bpf_sock) -> Option<H2Key> {
     Some(key)
 }
 
+/// Bytes of the fixed IPv4 header and of the TCP header: one window of each holds every field the
+/// scanner reads (IPv6's next-header field is in its first 20 bytes too).
+const HEADER_WINDOW: usize = 20;
+
+/// The `HEADER_WINDOW` bytes at `off` of the packet (the network header is at 0): by direct packet
+/// access when they are in the linear part, as the TCP/IP headers this host builds always are,
+/// else through the `bpf_skb_load_bytes` helper. The window is never shorter than a header: a
+/// one-byte bounds check would reach the verifier as `data < data_end`, from which it grants no
+/// range.
+#[inline(always)]
+fn header_at(
+    ctx: &SkBuffContext,
+    data: usize,
+    end: usize,
+    off: u32,
+) -> Result<[u8; HEADER_WINDOW], i64> {
+    let at = data + off as usize;
+    if at + HEADER_WINDOW <= end {
+        // SAFETY: the bytes lie between the packet's data and data_end, checked just above in
+        // the form the verifier tracks.
+        Ok(unsafe { core::ptr::read_unaligned(at as *const [u8; HEADER_WINDOW]) })
+    } else {
+        ctx.load(off as usize)
+    }
+}
+
 fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
+    let skb = ctx.skb.skb;
+    // SAFETY: context fields the verifier turns into packet pointers (readable with CAP_BPF).
+    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
     // Cheapest test first: most packets (SYN, ACK, FIN, RST) carry no payload, and those cost
-    // three header reads and nothing else: no socket fields, no map lookup.
-    let vihl: u8 = ctx.load(0)?;
-    let l4 = match vihl >> 4 {
-        4 => {
-            if ctx.load::<u8>(9)? != IPPROTO_TCP_U8 {
-                return Ok(());
-            }
-            ((vihl & 0xf) as u32) * 4
-        }
-        6 => {
-            // Extension headers are not followed: TCP must be the next header.
-            if ctx.load::<u8>(6)? != IPPROTO_TCP_U8 {
-                return Ok(());
-            }
-            40
-        }
+    // two header reads and nothing else: no socket fields, no map lookup, no helper call.
+    let ip = header_at(ctx, data, end, 0)?;
+    let l4 = match ip[0] >> 4 {
+        4 if ip[9] == IPPROTO_TCP_U8 => ((ip[0] & 0xf) as u32) * 4,
+        // Extension headers are not followed: TCP must be the next header.
+        6 if ip[6] == IPPROTO_TCP_U8 => 40,
         _ => return Ok(()),
     };
-    let doff: u8 = ctx.load(l4 as usize + 12)?;
-    let payload_off = l4 + ((doff >> 4) as u32) * 4;
+    let tcp = header_at(ctx, data, end, l4)?;
+    let payload_off = l4 + ((tcp[12] >> 4) as u32) * 4;
     let len = ctx.len();
     if len <= payload_off {
         return Ok(());
@@ -657,8 +676,7 @@ fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
     if !st.parsable() {
         return Ok(());
     }
-    let seq = u32::from_be(ctx.load(l4 as usize + 4)?);
-    let skb = ctx.skb.skb;
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
     st.scan_segment(seq, plen, |start, window| {
         // SAFETY: the helper writes exactly window.len() bytes into `window`.
         unsafe {

@@ -69,7 +69,7 @@ pub use self::{
     verdict::{ServiceFacts, Thresholds, Verdict, advise, classify, pct, secs},
     window::{LIFETIME_BOUNDS_SECONDS, LifetimeHistogram},
 };
-use crate::identity::model::ObjectRef;
+use crate::{identity::model::ObjectRef, keyed::Map};
 
 /// Nanoseconds since an arbitrary monotonic origin.
 pub type Nanos = u64;
@@ -444,8 +444,8 @@ pub struct Analyzer {
     bucket_ns: u64,
     slots: u64,
     keys: BTreeMap<Arc<Key>, KeyState>,
-    conns: HashMap<ConnId, ConnState>,
-    services: HashMap<ObjectRef, ServiceState>,
+    conns: Map<ConnId, ConnState>,
+    services: Map<ObjectRef, ServiceState>,
     stats: AnalyzerStats,
 }
 
@@ -617,8 +617,8 @@ impl Analyzer {
             bucket_ns,
             slots,
             keys: BTreeMap::new(),
-            conns: HashMap::new(),
-            services: HashMap::new(),
+            conns: Map::default(),
+            services: Map::default(),
             stats: AnalyzerStats::default(),
         })
     }

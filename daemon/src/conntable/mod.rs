@@ -5,16 +5,15 @@
 pub mod reconcile;
 pub mod recover;
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::SocketAddr,
-    time::Duration,
-};
+use std::{collections::HashSet, net::SocketAddr, time::Duration};
 
 use fanout_common::RecordKind;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Counters, Event, Owner};
+use crate::{
+    event::{Counters, Event, Owner},
+    keyed::{Map, Set},
+};
 
 /// Where a request count comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -183,14 +182,14 @@ pub fn requests_of(h2: Option<(u8, u64)>, counters: &Counters) -> Requests {
 
 #[derive(Default)]
 pub struct ConnTable {
-    conns: HashMap<ConnKey, Conn>,
-    by_sock: HashMap<u64, ConnKey>,
+    conns: Map<ConnKey, Conn>,
+    by_sock: Map<u64, ConnKey>,
     /// Rows per network namespace (a pod's connections are its namespace's).
-    by_netns: HashMap<u32, HashSet<ConnKey>>,
-    pending: HashMap<u64, Pending>,
+    by_netns: Map<u32, Set<ConnKey>>,
+    pending: Map<u64, Pending>,
     /// While startup recovery runs: connections that closed without the table knowing them.
     /// The scan may have seen them alive; they must not be resurrected.
-    closed_while_recovering: Option<HashSet<ConnKey>>,
+    closed_while_recovering: Option<Set<ConnKey>>,
 }
 
 /// Pending connects older than this are dropped by [`ConnTable::sweep`]: the kernel gives up on
@@ -407,7 +406,7 @@ impl ConnTable {
 
     /// Starts remembering closes of unknown connections until [`ConnTable::finish_recovery`].
     pub fn begin_recovery(&mut self) {
-        self.closed_while_recovering = Some(HashSet::new());
+        self.closed_while_recovering = Some(Set::default());
     }
 
     /// Adds connections found at startup. A connection the tracer already reported wins, and one

@@ -10,7 +10,7 @@
 //!   milliseconds, often before the lookup is done). A socket address reused by the next
 //!   connection while the first still waits is counted per open, so each close follows its own.
 
-use std::{collections::HashMap, net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use super::{Handle, HeldClose, Input};
 use crate::{
@@ -18,6 +18,7 @@ use crate::{
     conntable::{Conn, ConnKey},
     features::{Feature, Features},
     identity::conntrack::{Conntrack, ConntrackError, Tuple},
+    keyed::Map,
 };
 
 /// Lookups waiting at most.
@@ -52,9 +53,9 @@ pub struct Resolver {
     /// Opens queued and not yet answered, per connection: its socket address and its key, for
     /// a socket address alone also names the next connections that reuse it (another pod's
     /// inbound one, say, whose close must never wait for this open).
-    queued_opens: HashMap<(ConnId, ConnKey), u32>,
+    queued_opens: Map<(ConnId, ConnKey), u32>,
     /// Closes waiting for their connection's open, in order.
-    held: HashMap<(ConnId, ConnKey), Vec<HeldClose>>,
+    held: Map<(ConnId, ConnKey), Vec<HeldClose>>,
     /// Lookups queued.
     pending: usize,
 }
@@ -63,8 +64,8 @@ impl Resolver {
     pub fn new(tx: Option<std::sync::mpsc::Sender<Lookup>>) -> Self {
         Resolver {
             tx,
-            queued_opens: HashMap::new(),
-            held: HashMap::new(),
+            queued_opens: Map::default(),
+            held: Map::default(),
             pending: 0,
         }
     }
