@@ -159,7 +159,9 @@ pub struct PodPeersView {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PeerView {
     pub peer: Peer,
-    /// `IP:port` of the other end.
+    /// The other end: `IP:port` as dialled for the pod's outbound connections; the `IP` alone for
+    /// its inbound ones, whose remote ports are the clients' ephemeral ports (grouped by those, a
+    /// server would list one peer per connection). Each connection carries its `remote_port`.
     pub remote: String,
     pub connections: Vec<PeerConn>,
     /// Connections to this peer in all; `connections` may list fewer. `0` from an agent that does
@@ -169,6 +171,14 @@ pub struct PeerView {
 }
 
 impl PeerView {
+    /// What a connection's peer entry is called: see [`PeerView::remote`].
+    pub fn remote_of(c: &Conn) -> String {
+        match c.direction {
+            Direction::Inbound => c.key.remote.ip().to_string(),
+            _ => c.key.remote.to_string(),
+        }
+    }
+
     /// A peer with all its connections listed.
     pub fn new(peer: Peer, remote: String, connections: Vec<PeerConn>) -> Self {
         PeerView {
@@ -195,6 +205,9 @@ impl PeerView {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PeerConn {
     pub local_port: u16,
+    /// The other end's port. `0` from an agent that does not send it.
+    #[serde(default)]
+    pub remote_port: u16,
     pub direction: Direction,
     /// `established`: the table holds live connections only.
     pub state: String,
@@ -213,6 +226,7 @@ impl PeerConn {
     pub fn new(c: &Conn, now_ns: u64) -> Self {
         PeerConn {
             local_port: c.key.local.port(),
+            remote_port: c.key.remote.port(),
             direction: c.direction,
             state: "established".into(),
             origin: c.origin,
