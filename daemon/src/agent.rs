@@ -138,7 +138,7 @@ impl Agent {
         let probe_opts = opts.probe.clone();
         let (probe, ring) = tokio::task::spawn_blocking(move || {
             let loaded = Probe::load(&probe_opts);
-            trim_heap();
+            crate::heap::trim();
             loaded
         })
         .await
@@ -364,16 +364,4 @@ fn serve(
             tracing::error!(error = %e, "HTTP server failed");
         }
     })
-}
-
-/// Gives the heap that loading freed back to the kernel. Loading parses the kernel's BTF twice
-/// (aya's CO-RE relocations and our socket layout): tens of MiB of small allocations, all freed
-/// once the programs are in, but glibc keeps freed memory in its arenas, so without this the
-/// resident size stays at the load's peak for the agent's whole life.
-fn trim_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }

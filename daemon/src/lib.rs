@@ -15,6 +15,7 @@ pub mod conntable;
 pub mod event;
 pub mod exposition;
 pub mod features;
+pub mod heap;
 pub mod identity;
 pub mod keyed;
 pub mod pipeline;
