@@ -27,7 +27,7 @@ use tokio::{
 
 use crate::{
     analysis::{self, AnalysisConfig, Analyzer},
-    event::{Event, reader},
+    event::{Event, EventTap, reader},
     exposition::{
         balance::BalanceSnapshot,
         http::{self, AppState},
@@ -196,7 +196,7 @@ impl Agent {
             &features,
             handle.clone(),
         );
-        let events = broadcast::channel(1 << 16).0;
+        let events = EventTap::default();
         let heartbeat = Arc::new(AtomicU64::new(0));
         let ready = Arc::new(AtomicBool::new(false));
         let pipeline = {

@@ -1,14 +1,42 @@
 //! Kernel records → typed events, and the ring-buffer reader that feeds them to the daemon.
+//!
+//! Invariant: [`EventTap`] costs nothing until somebody subscribes; the daemon never does.
 
 pub mod reader;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
 use fanout_common::{Record, RecordKind};
 use serde::{Deserialize, Serialize};
+
+/// Every decoded event, for subscribers (embedders and tests). The channel and its buffer are
+/// made at the first subscription: the buffer's slots are written when it is made, about 14 MiB
+/// resident for [`EventTap::CAPACITY`] events, which the daemon (no subscriber) should not pay.
+#[derive(Clone, Debug, Default)]
+pub struct EventTap(Arc<OnceLock<tokio::sync::broadcast::Sender<Event>>>);
+
+impl EventTap {
+    /// Events a subscriber may lag behind before it loses some (and is told so by the channel).
+    pub const CAPACITY: usize = 1 << 16;
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.0
+            .get_or_init(|| tokio::sync::broadcast::channel(Self::CAPACITY).0)
+            .subscribe()
+    }
+
+    /// Hands `ev` to the subscribers, if there are any.
+    pub fn send(&self, ev: Event) {
+        if let Some(tx) = self.0.get() {
+            // No receiver left is not an error: events are offered, not owed.
+            let _ = tx.send(ev);
+        }
+    }
+}
 
 /// The process that owns a socket, captured in its own context at connect or accept.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,12 +21,11 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use tokio::sync::broadcast;
 
 use super::{api, metrics::Metrics, server::ServerStats};
 use crate::{
     conntable::Conn,
-    event::Event,
+    event::EventTap,
     features::Features,
     identity::{Identity, attribution::Attribution, model::ObjectRef},
     pipeline::{
@@ -51,7 +50,7 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// When the pipeline last turned (monotonic ns; 0 before its first turn).
     pub heartbeat: Arc<AtomicU64>,
-    pub events: broadcast::Sender<Event>,
+    pub events: EventTap,
     pub http: ServerStats,
 }
 

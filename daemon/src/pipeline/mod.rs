@@ -21,7 +21,7 @@ pub mod sampler;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     analysis::{
@@ -30,7 +30,7 @@ use crate::{
         regress::{Judged, Regression, Regressions, VerdictHistory, WorkloadKey},
     },
     conntable::{Change, Conn, ConnKey, ConnTable, Direction, Requests, reconcile::Plan},
-    event::{Counters, Event, reader::Batch},
+    event::{Counters, Event, EventTap, reader::Batch},
     exposition::{api, balance::BalanceSnapshot, metrics::Metrics},
     identity::{
         Identity,
@@ -179,7 +179,7 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     resolver: Resolver,
     verdicts: VerdictHistory,
-    events: broadcast::Sender<Event>,
+    events: EventTap,
     snapshot: watch::Sender<Arc<BalanceSnapshot>>,
     /// When the pipeline last turned (monotonic ns): liveness.
     heartbeat: Arc<std::sync::atomic::AtomicU64>,
@@ -205,7 +205,7 @@ pub struct Parts {
     pub analyzer: Analyzer,
     pub identity: Arc<Identity>,
     pub metrics: Arc<Metrics>,
-    pub events: broadcast::Sender<Event>,
+    pub events: EventTap,
     pub snapshot: watch::Sender<Arc<BalanceSnapshot>>,
     pub heartbeat: Arc<std::sync::atomic::AtomicU64>,
     /// The conntrack thread's queue, when conntrack works.
@@ -313,8 +313,7 @@ impl Pipeline {
         }
         self.metrics.active.set(self.table.len() as i64);
         for ev in batch.events {
-            // No subscribers is the normal case for the daemon.
-            let _ = self.events.send(ev);
+            self.events.send(ev);
         }
     }
 
