@@ -230,6 +230,7 @@ impl Agent {
             stop_rx.clone(),
             records,
         ));
+        tasks.push(tokio::spawn(crate::heap::run(stop_rx.clone())));
         tasks.push(tokio::spawn(sampler::run(
             probe.clone(),
             handle.clone(),

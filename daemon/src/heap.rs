@@ -1,15 +1,24 @@
-//! Giving freed heap back to the kernel after the few large, known frees: loading the probe
-//! (tens of MiB of BTF parsing) and swapping the inventory (the old snapshot and the parse of the
-//! new one). glibc keeps freed memory in its arenas, so without this the resident size stays at
-//! the peak of those moments for the agent's whole life.
+//! Giving freed heap back to the kernel: after the few large, known frees (loading the probe:
+//! tens of MiB of BTF parsing; swapping the inventory: the old snapshot and the parse of the new
+//! one), and every [`PERIODIC_TRIM`] for what the record path leaves behind (batches, samples,
+//! outgrown hash tables, API answers, freed in the arenas of whichever thread made them). glibc
+//! keeps freed memory in its arenas and returns only the top of the main heap by itself, so
+//! without this the resident size stays at the peak for the agent's whole life: with 4 000
+//! table rows, 36.8 MiB resident before a trim, 30.4 MiB after.
 //!
 //! Invariant: [`trim_after_swap`] trims at most once per [`SWAP_TRIM_INTERVAL`], so a watch that
-//! swaps the inventory every 200 ms does not walk the heap each time.
+//! swaps the inventory every 200 ms does not walk the heap each time; [`run`] trims on a blocking
+//! thread, never on a runtime worker.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+
+use tokio::sync::watch;
+
+/// How often [`run`] trims.
+pub const PERIODIC_TRIM: Duration = Duration::from_secs(10);
 
 /// The shortest time between two trims after inventory swaps.
 pub const SWAP_TRIM_INTERVAL: Duration = Duration::from_secs(10);
@@ -36,5 +45,28 @@ pub fn trim_after_swap() {
             .is_ok()
     {
         trim();
+    }
+}
+
+/// Trims every [`PERIODIC_TRIM`] until `stop` changes.
+pub async fn run(mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(PERIODIC_TRIM);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate; the probe load has just trimmed.
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let took = tokio::task::spawn_blocking(|| {
+            let start = Instant::now();
+            trim();
+            start.elapsed()
+        })
+        .await;
+        if let Ok(took) = took {
+            tracing::debug!(?took, "heap trimmed");
+        }
     }
 }
