@@ -14,8 +14,68 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::conntable::Change;
+use crate::conntable::{Change, Direction};
 use crate::event::kind_name;
+
+/// Every record kind, in the order of [`RecordCounters::by_kind`].
+const KINDS: [fanout_common::RecordKind; 6] = {
+    use fanout_common::RecordKind::*;
+    [
+        Connect,
+        Established,
+        PassiveOpen,
+        ConnectFailed,
+        Close,
+        Accepted,
+    ]
+};
+
+/// The per-record counters, resolved once: a label lookup in a `Family` takes its lock and
+/// hashes the labels, twice for every record otherwise. They share their atomics with the
+/// families, so the series are the same (and exist from the start, at 0).
+#[derive(Debug)]
+struct RecordCounters {
+    by_kind: [Counter; 6],
+    /// Outbound, inbound.
+    opened: [Counter; 2],
+    closed: [Counter; 2],
+}
+
+impl RecordCounters {
+    fn new(
+        records: &Family<KindLabels, Counter>,
+        opened: &Family<DirectionLabels, Counter>,
+        closed: &Family<DirectionLabels, Counter>,
+    ) -> Self {
+        let dir = |f: &Family<DirectionLabels, Counter>, d: Direction| {
+            f.get_or_create(&DirectionLabels {
+                direction: d.as_str(),
+            })
+            .clone()
+        };
+        RecordCounters {
+            by_kind: KINDS.map(|k| {
+                records
+                    .get_or_create(&KindLabels { kind: kind_name(k) })
+                    .clone()
+            }),
+            opened: [Direction::Outbound, Direction::Inbound].map(|d| dir(opened, d)),
+            closed: [Direction::Outbound, Direction::Inbound].map(|d| dir(closed, d)),
+        }
+    }
+
+    fn kind(&self, kind: fanout_common::RecordKind) -> &Counter {
+        let i = KINDS.iter().position(|k| *k == kind).unwrap_or(0);
+        &self.by_kind[i]
+    }
+}
+
+fn direction_index(d: Direction) -> usize {
+    match d {
+        Direction::Outbound => 0,
+        Direction::Inbound => 1,
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -80,6 +140,7 @@ pub struct BuildLabels {
 
 pub struct Metrics {
     pub registry: Registry,
+    per_record: RecordCounters,
     pub records: Family<KindLabels, Counter>,
     pub opened: Family<DirectionLabels, Counter>,
     pub closed: Family<DirectionLabels, Counter>,
@@ -304,6 +365,7 @@ impl Metrics {
             let _ = reconciled.get_or_create(&ActionLabels { action });
         }
         Metrics {
+            per_record: RecordCounters::new(&records, &opened, &closed),
             reconciled,
             reconcile_rounds,
             program_misses,
@@ -394,25 +456,13 @@ impl Metrics {
 
     /// Records what one applied event did.
     pub fn observe(&self, kind: fanout_common::RecordKind, change: &Change) {
-        self.records
-            .get_or_create(&KindLabels {
-                kind: kind_name(kind),
-            })
-            .inc();
+        self.per_record.kind(kind).inc();
         match change {
             Change::Opened(conn) => {
-                self.opened
-                    .get_or_create(&DirectionLabels {
-                        direction: conn.direction.as_str(),
-                    })
-                    .inc();
+                self.per_record.opened[direction_index(conn.direction)].inc();
             }
             Change::Closed { conn, duration } => {
-                self.closed
-                    .get_or_create(&DirectionLabels {
-                        direction: conn.direction.as_str(),
-                    })
-                    .inc();
+                self.per_record.closed[direction_index(conn.direction)].inc();
                 if let Some(d) = duration {
                     self.duration.observe(d.as_secs_f64());
                 }
