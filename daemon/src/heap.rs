@@ -1,27 +1,21 @@
-//! Giving freed heap back to the kernel: after the few large, known frees (loading the probe:
-//! tens of MiB of BTF parsing; swapping the inventory: the old snapshot and the parse of the new
-//! one), and every [`PERIODIC_TRIM`] for what the record path leaves behind (batches, samples,
-//! outgrown hash tables, API answers, freed in the arenas of whichever thread made them). glibc
-//! keeps freed memory in its arenas and returns only the top of the main heap by itself, so
-//! without this the resident size stays at the peak for the agent's whole life: with 4 000
-//! table rows, 36.8 MiB resident before a trim, 30.4 MiB after.
+//! Giving freed heap back to the kernel: after loading the probe (tens of MiB of BTF parsing), and
+//! every [`PERIODIC_TRIM`] for what the agent leaves behind since (inventory swaps: the old
+//! snapshot and the parse of the new one; batches, samples, outgrown hash tables, API answers,
+//! freed in the arenas of whichever thread made them). glibc keeps freed memory in its arenas and
+//! returns only the top of the main heap by itself, so without this the resident size stays at
+//! the peak for the agent's whole life: with 4 000 table rows, 36.8 MiB resident before a trim,
+//! 30.4 MiB after.
 //!
-//! Invariant: [`trim_after_swap`] trims at most once per [`SWAP_TRIM_INTERVAL`], so a watch that
-//! swaps the inventory every 200 ms does not walk the heap each time; [`run`] trims on a blocking
-//! thread, never on a runtime worker.
+//! Invariant: trims run on a blocking thread, never on a runtime worker: once after the probe
+//! load, then from [`run`] only. An inventory swap does not trim by itself; the next periodic
+//! trim, at most [`PERIODIC_TRIM`] later, returns what it freed.
 
-use std::{
-    sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 /// How often [`run`] trims.
 pub const PERIODIC_TRIM: Duration = Duration::from_secs(10);
-
-/// The shortest time between two trims after inventory swaps.
-pub const SWAP_TRIM_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Returns free heap pages to the kernel (`malloc_trim`).
 pub fn trim() {
@@ -29,22 +23,6 @@ pub fn trim() {
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe {
         libc::malloc_trim(0);
-    }
-}
-
-/// [`trim`], unless one ran after a swap less than [`SWAP_TRIM_INTERVAL`] ago.
-pub fn trim_after_swap() {
-    static LAST_SECS: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = LAST_SECS.load(Ordering::Relaxed);
-    if now.saturating_sub(last) >= SWAP_TRIM_INTERVAL.as_secs()
-        && LAST_SECS
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        trim();
     }
 }
 

@@ -77,14 +77,10 @@ impl Identity {
         if let Ok(mut ns) = self.netns_pods.lock() {
             ns.retain_known(&inv);
         }
-        let old = match self.inventory.write() {
-            Ok(mut g) => std::mem::replace(&mut *g, inv),
-            Err(p) => std::mem::replace(&mut *p.into_inner(), inv),
-        };
-        // The old snapshot is freed here unless a reader still holds it; what the new one's
-        // parse and the old one leave free goes back to the kernel.
-        drop(old);
-        crate::heap::trim_after_swap();
+        match self.inventory.write() {
+            Ok(mut g) => *g = inv,
+            Err(p) => *p.into_inner() = inv,
+        }
     }
 
     pub fn set_synced(&self, synced: bool) {
