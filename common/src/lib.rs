@@ -11,4 +11,4 @@ pub mod record;
 pub mod tcp;
 
 pub use config::{Config, KernelOffsets, SockLayout, TracepointLayout};
-pub use record::{H2Key, LostReason, Record, RecordKind, SockState};
+pub use record::{LostReason, Record, RecordKind, SockState};

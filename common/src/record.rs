@@ -119,7 +119,7 @@ impl RecordKind {
 }
 
 /// What the kernel side remembers about a socket between lifecycle steps (map value keyed by the
-/// socket address).
+/// socket address: the socket's identity while it lives, which NAT never rewrites). 80 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -132,13 +132,19 @@ pub struct SockState {
     /// `Record::FLAG_OWNER_KNOWN` when the owner fields are valid, `SockState::FLAG_PASSIVE` for
     /// the server end of a connection.
     pub flags: u32,
-    pub _pad: u32,
+    /// The HTTP/2 scanner's status for the client end it follows: 0 while it does not, 1 while
+    /// the egress parses as HTTP/2, `1 + H2Unparsable` once it did not. The scanner keeps its
+    /// own state with the socket (socket-local storage) and mirrors its figure here whenever the
+    /// figure changes, so that the close record and the sampler read one entry.
+    pub h2: u32,
     /// Payload bytes and send/receive calls (`sock_sendmsg`/`sock_recvmsg`) since the socket was
     /// first seen, counted in the kernel (atomically: several CPUs may send on one socket).
     pub bytes_sent: u64,
     pub bytes_recv: u64,
     pub msgs_sent: u64,
     pub msgs_recv: u64,
+    /// Requests (client-initiated HTTP/2 streams) the scanner counted, with `h2`.
+    pub requests: u64,
 }
 
 impl SockState {
@@ -162,11 +168,12 @@ impl SockState {
             tid: 0,
             comm: [0; 16],
             flags: 0,
-            _pad: 0,
+            h2: 0,
             bytes_sent: 0,
             bytes_recv: 0,
             msgs_sent: 0,
             msgs_recv: 0,
+            requests: 0,
         }
     }
 
@@ -178,30 +185,14 @@ impl SockState {
             tid: rec.tid,
             comm: rec.comm,
             flags: (rec.flags & Record::FLAG_OWNER_KNOWN) as u32,
-            _pad: 0,
+            h2: 0,
             bytes_sent: 0,
             bytes_recv: 0,
             msgs_sent: 0,
             msgs_recv: 0,
+            requests: 0,
         }
     }
-}
-
-/// Key of the HTTP/2 scanner state of one connection's egress direction: the socket's own
-/// addresses (local first; IPv4-mapped IPv6 addresses as IPv4), which NAT never rewrites.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct H2Key {
-    /// IPv4 uses the first four bytes.
-    pub local: [u8; 16],
-    pub remote: [u8; 16],
-    /// Host byte order.
-    pub local_port: u16,
-    pub remote_port: u16,
-    /// 4 or 6.
-    pub ip_version: u8,
-    pub _pad: [u8; 3],
 }
 
 /// Why a record did not reach user space. Index into the kernel's per-CPU loss counters.
@@ -230,42 +221,11 @@ impl LostReason {
     }
 }
 
-impl H2Key {
-    /// The key of the socket a lifecycle record names: the same one the egress scanner derives
-    /// from the socket (a dual-stack socket talking IPv4 reports `::ffff:a.b.c.d`: IPv4 here).
-    #[inline(always)]
-    pub fn of_record(rec: &Record) -> H2Key {
-        let mut key = H2Key {
-            local: rec.saddr,
-            remote: rec.daddr,
-            local_port: rec.sport,
-            remote_port: rec.dport,
-            ip_version: rec.ip_version,
-            _pad: [0; 3],
-        };
-        if rec.ip_version == 6 && v4_mapped(&rec.saddr) && v4_mapped(&rec.daddr) {
-            key.ip_version = 4;
-            key.local = [0; 16];
-            key.remote = [0; 16];
-            key.local[..4].copy_from_slice(&rec.saddr[12..]);
-            key.remote[..4].copy_from_slice(&rec.daddr[12..]);
-        }
-        key
-    }
-}
-
-/// `::ffff:0:0/96`.
-#[inline(always)]
-fn v4_mapped(a: &[u8; 16]) -> bool {
-    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
-}
-
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain `#[repr(C)]` data without padding or pointers; any bit pattern is valid.
     unsafe impl aya::Pod for super::SockState {}
     unsafe impl aya::Pod for super::Record {}
-    unsafe impl aya::Pod for super::H2Key {}
 }
 
 #[cfg(test)]
@@ -273,32 +233,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn h2_keys_of_records_fold_mapped_ipv4() {
-        let mut rec = Record::zeroed();
-        rec.ip_version = 6;
-        rec.saddr[10..].copy_from_slice(&[0xff, 0xff, 10, 244, 0, 2]);
-        rec.daddr[10..].copy_from_slice(&[0xff, 0xff, 10, 96, 0, 10]);
-        rec.sport = 40000;
-        rec.dport = 80;
-        let k = H2Key::of_record(&rec);
-        assert_eq!(k.ip_version, 4);
-        assert_eq!(&k.local[..4], &[10, 244, 0, 2]);
-        assert_eq!(&k.remote[..4], &[10, 96, 0, 10]);
-        assert_eq!(k.local[4..], [0; 12]);
-        rec.daddr = [0xfd; 16];
-        assert_eq!(
-            H2Key::of_record(&rec).ip_version,
-            6,
-            "not both mapped: IPv6"
-        );
-    }
-
-    #[test]
     fn record_layout_has_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<Record>(), 136);
         assert_eq!(core::mem::align_of::<Record>(), 8);
-        assert_eq!(core::mem::size_of::<SockState>(), 72);
-        assert_eq!(core::mem::size_of::<H2Key>(), 40);
+        assert_eq!(core::mem::size_of::<SockState>(), 80);
     }
 
     #[test]

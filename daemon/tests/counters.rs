@@ -1,17 +1,19 @@
-//! Root test of the per-connection counters kept in the kernel: exact payload bytes and send
+//! Root tests of the per-connection counters kept in the kernel: exact payload bytes and send
 //! calls, gRPC requests counted from cleartext HTTP/2 frames by the cgroup_skb scanner, the
-//! fallback to messages (with the reason) for TLS, and the final counters in close records.
+//! fallback to messages (with the reason) for TLS, the final counters in close records, and
+//! requests counted on a connection whose client namespace NATs it.
 
 use std::{
     io::Write as _,
     net::{SocketAddr, TcpStream},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use fanout::{
     agent::{Agent, AgentOptions},
     conntable::{Direction, RequestSource, Requests},
-    event::Counters,
+    event::{Counters, H2Final},
 };
 use fanout_common::RecordKind;
 use xtask::lab;
@@ -74,10 +76,7 @@ async fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bytes_messages_and_grpc_requests_are_counted_exactly() {
-    xtask::lab::require_root("the counters test loads eBPF programs and builds a lab");
-    let (lab, server) = lab::client_server(false, 4).expect("lab");
+async fn start_agent() -> Agent {
     let agent = Agent::start(AgentOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         poll_interval: Duration::from_millis(20),
@@ -88,6 +87,14 @@ async fn bytes_messages_and_grpc_requests_are_counted_exactly() {
     tokio::time::timeout(Duration::from_secs(30), agent.ready())
         .await
         .expect("ready");
+    agent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_messages_and_grpc_requests_are_counted_exactly() {
+    xtask::lab::require_root("the counters test loads eBPF programs and builds a lab");
+    let (lab, server) = lab::client_server(false, 4).expect("lab");
+    let agent = start_agent().await;
     let mut events = agent.subscribe();
 
     let calls = 25;
@@ -221,5 +228,110 @@ async fn bytes_messages_and_grpc_requests_are_counted_exactly() {
             (want.bytes_sent, want.msgs_sent)
         );
     }
+    agent.shutdown().await.expect("shutdown");
+}
+
+/// A client whose own namespace rewrites its connection the way kube-proxy does for a
+/// hostNetwork pod calling a ClusterIP (DNAT in nat OUTPUT, which runs before the egress hook):
+/// its packets carry the backend's address while its socket names the service. The scanner
+/// keeps its state with the socket, not under a key made of addresses, so the requests count
+/// live and in the close record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_count_on_a_connection_its_own_namespace_dnats() {
+    xtask::lab::require_root("the counters test loads eBPF programs and builds a lab");
+    let iptables = Command::new("iptables").arg("--version").output();
+    assert!(
+        iptables.is_ok_and(|o| o.status.success()),
+        "`iptables` is missing: this test adds a DNAT rule (install the iptables package, or run \
+         `cargo xtask setup`)"
+    );
+    let (lab, server) = lab::client_server(false, 2).expect("lab");
+    let client = lab.pod(0);
+    let service: SocketAddr = "10.96.0.10:80".parse().expect("service address");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &client.netns,
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+        ])
+        .args([
+            "-d",
+            "10.96.0.10/32",
+            "-p",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+        ])
+        .args(["--to-destination", &server.addr.to_string()])
+        .output()
+        .expect("run iptables in the client pod");
+    assert!(
+        out.status.success(),
+        "adding the DNAT rule failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = start_agent().await;
+    let mut events = agent.subscribe();
+
+    let calls = 12;
+    let writes = h2c_writes(calls);
+    let (mut conn, sent) = client
+        .run(move || {
+            let mut s = TcpStream::connect_timeout(&service, Duration::from_secs(5))
+                .expect("connect to the service");
+            s.set_nodelay(true).expect("nodelay");
+            let sent = send_all(&mut s, &writes);
+            (s, sent)
+        })
+        .expect("lab");
+    let local = conn.local_addr().expect("addr");
+    let want = Requests {
+        count: u64::from(calls),
+        source: RequestSource::H2,
+        unparsable: None,
+    };
+    let cn = client.netns_inode;
+    let shared = agent.shared().clone();
+    let row = wait("the DNATed connection's requests", || {
+        shared.with_rows(|t| {
+            t.iter()
+                .find(|c| c.key.netns == cn && c.key.local == local)
+                .filter(|c| c.counters.msgs_sent == sent.msgs_sent)
+                .cloned()
+        })
+    })
+    .await;
+    assert_eq!(row.key.remote, service, "the socket names the service");
+    assert_eq!(row.requests, Some(want), "live requests");
+
+    conn.flush().expect("flush");
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut close = None;
+    while close.is_none() && Instant::now() < deadline {
+        if let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_millis(200), events.recv()).await
+            && ev.kind == RecordKind::Close
+            && ev.netns == cn
+            && ev.local == local
+        {
+            close = Some(ev);
+        }
+    }
+    let close = close.expect("the client's close record");
+    assert_eq!(
+        close.h2,
+        Some(H2Final {
+            status: 1,
+            requests: u64::from(calls)
+        }),
+        "the close carries the final request count"
+    );
     agent.shutdown().await.expect("shutdown");
 }

@@ -5,6 +5,9 @@
 //!   time in `SOCKS`.
 //! * `syscalls/sys_exit_accept{,4}` runs in the accepting task's context, finds the returned
 //!   socket through the task's file table and records the owner of a passively opened socket.
+//! * `sock/sock_{send,recv}_length` count payload bytes and calls into `SOCKS`.
+//! * `h2_egress` (cgroup_skb) counts HTTP/2 requests in the egress of client sockets, its state
+//!   kept with the socket (`SLOTS`), its figure mirrored into `SOCKS`.
 //!
 //! Every layout the programs read (tracepoint fields, kernel struct members) comes from `CONFIG`,
 //! which the daemon fills from tracefs and BTF at load time.
@@ -17,20 +20,23 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock,
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_sk_fullsock, bpf_skb_load_bytes,
+        bpf_probe_read_kernel, bpf_sk_fullsock, bpf_skb_load_bytes, generated::bpf_sk_storage_get,
     },
-    macros::{cgroup_skb, map, raw_tracepoint, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    macros::{btf_map, cgroup_skb, map, raw_tracepoint, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, SkBuffContext, TracePointContext},
 };
 use aya_log_ebpf::{debug, warn};
 use fanout_common::{
-    Config, H2Key, LostReason, Record, RecordKind, SockState,
+    Config, LostReason, Record, RecordKind, SockState,
     h2::H2Scan,
     tcp::{AF_INET, AF_INET6, IPPROTO_TCP, classify},
 };
@@ -55,14 +61,18 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map]
 static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
-/// HTTP/2 request counting state of the egress of client connections, keyed by the socket's own
-/// addresses (never the packet's, which NAT in the client's namespace may have rewritten). The
-/// egress scanner creates an entry at a connection's first payload when it is an HTTP/2 preface
-/// or a TLS ClientHello (so other traffic costs a lookup and never an entry); the lifecycle
-/// program takes it, final count included, into the close record. LRU: an entry whose close was
-/// missed is evicted in time.
-#[map]
-static H2: LruHashMap<H2Key, H2Scan> = LruHashMap::with_max_entries(16384, 0);
+/// The HTTP/2 scanner's state of a client socket's egress, kept with the socket
+/// (`BPF_MAP_TYPE_SK_STORAGE`): the scanner reaches it from the packet's socket with no key to
+/// derive (no addresses, which NAT in the client's namespace may have rewritten: a hostNetwork
+/// pod calling a ClusterIP sends packets that already carry the backend's address while its
+/// socket names the ClusterIP), and the kernel frees it with the socket, so nothing outlives a
+/// connection whose close was missed. Made at a connection's first payload when that opens
+/// HTTP/2; other connections never get one.
+#[btf_map]
+static SLOTS: SkStorage<H2Scan> = SkStorage::new();
+
+/// `BPF_SK_STORAGE_GET_F_CREATE`
+const SK_STORAGE_CREATE: u64 = 1;
 
 /// Per-CPU loss counters, indexed by `LostReason`.
 #[map]
@@ -316,9 +326,8 @@ fn lifecycle<C: EbpfContext>(
             remember(ctx, sk, &SockState::passive(rec.ts_ns));
         }
         RecordKind::ConnectFailed | RecordKind::Close => {
-            // Only the client end of an established connection can have HTTP/2 state; the
-            // server end and a failed connect skip the lookup.
-            let mut dialled = kind == RecordKind::Close;
+            // Only the client end of an established connection has an HTTP/2 figure.
+            let dialled = kind == RecordKind::Close;
             if let Some(st) = SOCKS.get_ptr(sk) {
                 // SAFETY: map value pointer from a successful lookup; copied before removal.
                 let st = unsafe { *st };
@@ -332,17 +341,12 @@ fn lifecycle<C: EbpfContext>(
                 rec.bytes_recv = st.bytes_recv;
                 rec.msgs_sent = st.msgs_sent;
                 rec.msgs_recv = st.msgs_recv;
-                dialled &= st.flags & SockState::FLAG_PASSIVE == 0;
-                let _ = SOCKS.remove(sk);
-            }
-            // The scanner's final figure travels with the close: user space reads no map.
-            if dialled {
-                let key = H2Key::of_record(&rec);
-                if let Some(scan) = unsafe { H2.get(key) } {
-                    rec.h2 = scan.status();
-                    rec.requests = scan.requests();
-                    let _ = H2.remove(key);
+                // The scanner's final figure travels with the close: user space reads no map.
+                if dialled && st.flags & SockState::FLAG_PASSIVE == 0 {
+                    rec.h2 = st.h2 as u8;
+                    rec.requests = st.requests;
                 }
+                let _ = SOCKS.remove(sk);
             }
         }
         RecordKind::Accepted => {}
@@ -521,75 +525,6 @@ pub fn h2_egress(ctx: SkBuffContext) -> i32 {
     1
 }
 
-/// `::ffff:0:0/96`: an IPv4 address a dual-stack socket talks through.
-#[inline(always)]
-fn v4_mapped(w: &[u32; 4]) -> bool {
-    w[0] == 0 && w[1] == 0 && w[2] == u32::to_be(0xffff)
-}
-
-/// Reads one `bpf_sock` field with a load of exactly its size (the verifier refuses wider or
-/// merged loads of socket fields, which a struct copy could produce).
-macro_rules! sock_field {
-    ($sk:expr, $field:ident) => {
-        // SAFETY: `$sk` is a full socket pointer the verifier accepted.
-        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$sk).$field)) }
-    };
-    ($sk:expr, $field:ident [ $i:expr ]) => {
-        // SAFETY: as above; the index is a constant within the array.
-        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$sk).$field[$i])) }
-    };
-}
-
-/// The key of a socket's egress direction, from the socket's own addresses: what user space
-/// derives from the lifecycle record (local first; IPv4-mapped addresses as IPv4). Not the
-/// packet's addresses: a client in a network namespace that NATs its own traffic (a hostNetwork
-/// pod calling a ClusterIP: kube-proxy's DNAT in OUTPUT runs before this hook) sends packets
-/// that already carry the backend's address while its socket names the ClusterIP.
-#[inline(always)]
-fn socket_key(sk: *const bpf_sock) -> Option<H2Key> {
-    let mut key = H2Key {
-        local: [0; 16],
-        remote: [0; 16],
-        // src_port is in host order; dst_port in network order.
-        local_port: sock_field!(sk, src_port) as u16,
-        remote_port: u16::from_be(sock_field!(sk, dst_port)),
-        ip_version: 4,
-        _pad: [0; 3],
-    };
-    let family: u32 = sock_field!(sk, family);
-    if family == AF_INET as u32 {
-        let (src, dst): (u32, u32) = (sock_field!(sk, src_ip4), sock_field!(sk, dst_ip4));
-        key.local[..4].copy_from_slice(&src.to_ne_bytes());
-        key.remote[..4].copy_from_slice(&dst.to_ne_bytes());
-    } else if family == AF_INET6 as u32 {
-        let src: [u32; 4] = [
-            sock_field!(sk, src_ip6[0]),
-            sock_field!(sk, src_ip6[1]),
-            sock_field!(sk, src_ip6[2]),
-            sock_field!(sk, src_ip6[3]),
-        ];
-        let dst: [u32; 4] = [
-            sock_field!(sk, dst_ip6[0]),
-            sock_field!(sk, dst_ip6[1]),
-            sock_field!(sk, dst_ip6[2]),
-            sock_field!(sk, dst_ip6[3]),
-        ];
-        if v4_mapped(&src) && v4_mapped(&dst) {
-            key.local[..4].copy_from_slice(&src[3].to_ne_bytes());
-            key.remote[..4].copy_from_slice(&dst[3].to_ne_bytes());
-        } else {
-            key.ip_version = 6;
-            for i in 0..4 {
-                key.local[i * 4..i * 4 + 4].copy_from_slice(&src[i].to_ne_bytes());
-                key.remote[i * 4..i * 4 + 4].copy_from_slice(&dst[i].to_ne_bytes());
-            }
-        }
-    } else {
-        return None;
-    }
-    Some(key)
-}
-
 /// Bytes of the fixed IPv4 header and of the TCP header: one window of each holds every field the
 /// scanner reads (IPv6's next-header field is in its first 20 bytes too).
 const HEADER_WINDOW: usize = 20;
@@ -616,7 +551,20 @@ fn header_at(
     }
 }
 
-fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
+/// A payload segment leaving a full socket.
+struct Egress {
+    sk: *mut bpf_sock,
+    /// TCP sequence number of its first payload byte.
+    seq: u32,
+    /// Offset of the payload in the packet.
+    off: u32,
+    /// Payload bytes.
+    len: u32,
+}
+
+/// The packet's TCP payload and its full socket, or None for what carries nothing to scan.
+#[inline(always)]
+fn egress_payload(ctx: &SkBuffContext) -> Result<Option<Egress>, i64> {
     let skb = ctx.skb.skb;
     // SAFETY: context fields the verifier turns into packet pointers (readable with CAP_BPF).
     let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
@@ -627,67 +575,111 @@ fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
         4 if ip[9] == IPPROTO_TCP_U8 => ((ip[0] & 0xf) as u32) * 4,
         // Extension headers are not followed: TCP must be the next header.
         6 if ip[6] == IPPROTO_TCP_U8 => 40,
-        _ => return Ok(()),
+        _ => return Ok(None),
     };
     let tcp = header_at(ctx, data, end, l4)?;
-    let payload_off = l4 + ((tcp[12] >> 4) as u32) * 4;
+    let off = l4 + ((tcp[12] >> 4) as u32) * 4;
     let len = ctx.len();
-    if len <= payload_off {
-        return Ok(());
+    if len <= off {
+        return Ok(None);
     }
-    let plen = len - payload_off;
     // SAFETY: reading the context's socket pointer; the verifier checks the access.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return Ok(());
+        return Ok(None);
     }
     // SAFETY: helper call on the context's socket; NULL for request and timewait sockets, which
     // send no payload.
     let sk = unsafe { bpf_sk_fullsock(sk) };
     if sk.is_null() {
-        return Ok(());
+        return Ok(None);
     }
-    let Some(key) = socket_key(sk) else {
-        return Ok(());
-    };
-    // A connection gets an entry at its first payload, and only when that is what a client sends
-    // first: the HTTP/2 preface, or a TLS ClientHello (which the scanner marks `tls` at once, so
-    // that the figure says why it fell back to messages). Every other connection, the server ends
-    // and other protocols, costs one lookup per payload packet and never an entry.
-    let st = match H2.get_ptr_mut(key) {
-        Some(p) => p,
+    Ok(Some(Egress {
+        sk,
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        off,
+        len: len - off,
+    }))
+}
+
+/// The scanner state of the segment's socket, and whether this run made it: the existing one, or
+/// a new one when the segment
+/// opens HTTP/2 (the preface, or a TLS ClientHello, which the scanner marks `tls` at once so
+/// that the figure says why it fell back to messages) on a client socket the lifecycle hook
+/// tracks. None for every other socket: one storage lookup and a 6-byte read per payload packet,
+/// never an entry.
+#[inline(always)]
+fn scanner_of(
+    ctx: &SkBuffContext,
+    seg: &Egress,
+) -> Result<Option<(&'static mut H2Scan, bool)>, i64> {
+    let map = core::ptr::addr_of!(SLOTS) as *mut c_void;
+    // SAFETY: helper call with the map and a full socket; it returns NULL or the socket's value,
+    // valid for this program run (the 'static is this run's).
+    let found = unsafe { bpf_sk_storage_get(map, seg.sk.cast(), core::ptr::null_mut(), 0) };
+    if let Some(scan) = unsafe { (found as *mut H2Scan).as_mut() } {
+        return Ok(Some((scan, false)));
+    }
+    if seg.len < 6 {
+        return Ok(None);
+    }
+    let head: [u8; 6] = ctx.load(seg.off as usize)?;
+    let preface = head[..4] == *b"PRI ";
+    // Record type handshake (22), then version (2), length (2), handshake type 1.
+    let client_hello = head[0] == 0x16 && head[1] == 0x03 && head[5] == 0x01;
+    if !preface && !client_hello {
+        return Ok(None);
+    }
+    match SOCKS.get_ptr(seg.sk as u64) {
+        // SAFETY: map value pointer from a successful lookup.
+        Some(st) if unsafe { (*st).flags } & SockState::FLAG_PASSIVE == 0 => {}
+        _ => return Ok(None),
+    }
+    // SAFETY: as above; the new value is zeroed, which is `H2Scan::new()`.
+    let made =
+        unsafe { bpf_sk_storage_get(map, seg.sk.cast(), core::ptr::null_mut(), SK_STORAGE_CREATE) };
+    match unsafe { (made as *mut H2Scan).as_mut() } {
+        Some(scan) => Ok(Some((scan, true))),
         None => {
-            if plen < 6 {
-                return Ok(());
-            }
-            let head: [u8; 6] = ctx.load(payload_off as usize)?;
-            let preface = head[..4] == *b"PRI ";
-            // Record type handshake (22), then version (2), length (2), handshake type 1.
-            let client_hello = head[0] == 0x16 && head[1] == 0x03 && head[5] == 0x01;
-            if !preface && !client_hello {
-                return Ok(());
-            }
-            H2.insert(key, H2Scan::new(), 0)?;
-            H2.get_ptr_mut(key).ok_or(-1i64)?
+            count_lost(LostReason::SockMapFull);
+            Ok(None)
         }
-    };
-    // SAFETY: map value pointer, valid for this program run.
-    let st = unsafe { &mut *st };
-    if !st.parsable() {
-        return Ok(());
     }
-    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    st.scan_segment(seq, plen, |start, window| {
-        // SAFETY: the helper writes exactly window.len() bytes into `window`.
-        unsafe {
-            bpf_skb_load_bytes(
-                skb.cast(),
-                (payload_off as i64 + start) as u32,
-                window.as_mut_ptr().cast(),
-                window.len() as u32,
-            ) == 0
-        }
-    });
+}
+
+fn try_h2_egress(ctx: &SkBuffContext) -> Result<(), i64> {
+    let Some(seg) = egress_payload(ctx)? else {
+        return Ok(());
+    };
+    let Some((st, made)) = scanner_of(ctx, &seg)? else {
+        return Ok(());
+    };
+    let before = (st.status(), st.requests());
+    if st.parsable() {
+        let skb = ctx.skb.skb;
+        st.scan_segment(seg.seq, seg.len, |start, window| {
+            // SAFETY: the helper writes exactly window.len() bytes into `window`.
+            unsafe {
+                bpf_skb_load_bytes(
+                    skb.cast(),
+                    (seg.off as i64 + start) as u32,
+                    window.as_mut_ptr().cast(),
+                    window.len() as u32,
+                ) == 0
+            }
+        });
+    }
+    // The figure in the socket's `SOCKS` entry, where the sampler and the close read it, is
+    // updated when it changes: at the first payload, and at each packet that opens a stream.
+    let after = (st.status(), st.requests());
+    if (made || after != before)
+        && let Some(s) = SOCKS.get_ptr_mut(seg.sk as u64)
+    {
+        // SAFETY: map value pointer from a successful lookup.
+        let s = unsafe { &mut *s };
+        s.h2 = after.0 as u32;
+        s.requests = after.1;
+    }
     Ok(())
 }
 

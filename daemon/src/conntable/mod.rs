@@ -128,39 +128,16 @@ pub enum Change {
     Unmatched(RecordKind),
 }
 
-/// The kernel's HTTP/2 scanner key for the egress direction of a connection seen from `key`'s
-/// side (local address first, as the packets leaving it carry them).
-pub fn h2_key(key: &ConnKey) -> fanout_common::H2Key {
-    fn bytes(ip: std::net::IpAddr) -> ([u8; 16], u8) {
-        match ip {
-            std::net::IpAddr::V4(v4) => {
-                let mut b = [0u8; 16];
-                b[..4].copy_from_slice(&v4.octets());
-                (b, 4)
-            }
-            std::net::IpAddr::V6(v6) => (v6.octets(), 6),
-        }
-    }
-    let (local, version) = bytes(key.local.ip());
-    let (remote, _) = bytes(key.remote.ip());
-    fanout_common::H2Key {
-        local,
-        remote,
-        local_port: key.local.port(),
-        remote_port: key.remote.port(),
-        ip_version: version,
-        _pad: [0; 3],
-    }
+/// The live request figure of an outbound connection from its kernel state: see [`requests_of`].
+pub fn requests_figure(st: &fanout_common::SockState, counters: &Counters) -> Requests {
+    let h2 = u8::try_from(st.h2).ok().filter(|&s| s != 0);
+    requests_of(h2.map(|status| (status, st.requests)), counters)
 }
 
 /// The request figure of an outbound connection: HTTP/2 streams while the scanner can parse the
-/// connection, otherwise the messages sent, with the reason HTTP/2 was not parsable.
-pub fn requests_figure(h2: Option<&fanout_common::h2::H2Scan>, counters: &Counters) -> Requests {
-    requests_of(h2.map(|h| (h.status(), h.requests())), counters)
-}
-
-/// [`requests_figure`] from the scanner's `(status, requests)` as a close record carries them
-/// (`status` 1: parsable; `1 + H2Unparsable`: not; no figure: the scanner never followed it).
+/// connection, otherwise the messages sent, with the reason HTTP/2 was not parsable. From the
+/// scanner's `(status, requests)` as a close record or the socket's state carry them (`status`
+/// 1: parsable; `1 + H2Unparsable`: not; no figure: the scanner never followed it).
 pub fn requests_of(h2: Option<(u8, u64)>, counters: &Counters) -> Requests {
     match h2 {
         Some((1, requests)) => Requests {
@@ -625,45 +602,35 @@ mod tests {
     }
 
     #[test]
-    fn h2_keys_put_the_local_end_first() {
-        let k = ConnKey {
-            netns: 1,
-            local: "10.0.0.1:5000".parse().unwrap(),
-            remote: "10.0.0.2:80".parse().unwrap(),
-        };
-        let h = h2_key(&k);
-        assert_eq!((h.ip_version, h.local_port, h.remote_port), (4, 5000, 80));
-        assert_eq!(&h.local[..4], &[10, 0, 0, 1]);
-        assert!(h.local[4..].iter().all(|&b| b == 0));
-        let k6 = ConnKey {
-            netns: 1,
-            local: "[fd00::1]:5000".parse().unwrap(),
-            remote: "[fd00::2]:80".parse().unwrap(),
-        };
-        assert_eq!(h2_key(&k6).ip_version, 6);
-    }
-
-    #[test]
     fn request_figures_fall_back_to_messages_and_say_why() {
-        use fanout_common::h2::H2Scan;
+        use fanout_common::{SockState, h2::H2Scan};
         let c = Counters {
             msgs_sent: 7,
             ..Default::default()
         };
-        let r = requests_figure(None, &c);
+        // As the scanner mirrors its figure into the socket's state.
+        let state = |scan: Option<&H2Scan>| {
+            let mut st = SockState::started(1);
+            if let Some(scan) = scan {
+                st.h2 = scan.status().into();
+                st.requests = scan.requests();
+            }
+            st
+        };
+        let r = requests_figure(&state(None), &c);
         assert_eq!(
             (r.count, r.source, r.unparsable),
             (7, RequestSource::Messages, None)
         );
         let fresh = H2Scan::new();
-        let r = requests_figure(Some(&fresh), &c);
+        let r = requests_figure(&state(Some(&fresh)), &c);
         assert_eq!((r.count, r.source), (0, RequestSource::H2));
         let mut tls = H2Scan::new();
         tls.scan_segment(0, 9, |_, w| {
             *w = [0x16, 3, 1, 0, 5, 1, 0, 0, 1];
             true
         });
-        let r = requests_figure(Some(&tls), &c);
+        let r = requests_figure(&state(Some(&tls)), &c);
         assert_eq!(r.source, RequestSource::Messages);
         assert_eq!(r.unparsable, Some("tls"));
     }

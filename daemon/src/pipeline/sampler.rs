@@ -3,9 +3,11 @@
 //!
 //! Invariants: this task alone owns the [`Probe`] (the kernel maps and programs); it asks the
 //! pipeline which connections to sample and sends the samples back, so the pipeline never makes
-//! a system call for a map. Only outbound connections are read (two lookups each: the clients'
-//! side, whose request figures matter live); inbound ones get their final figures from the close
-//! record.
+//! a system call for a map. One lookup per connection: the socket's entry carries its counters
+//! and, for a client end the HTTP/2 scanner follows, the scanner's figure (which the scanner
+//! mirrors there from the state it keeps with the socket). Only outbound connections are read
+//! (the clients' side, whose request figures matter live); inbound ones get their final figures
+//! from the close record.
 
 use std::sync::{Arc, Mutex};
 
@@ -13,7 +15,7 @@ use tokio::sync::watch;
 
 use super::{Handle, Input, Query, Sample, TICK};
 use crate::{
-    conntable::{Direction, h2_key, requests_figure},
+    conntable::{Direction, requests_figure},
     event::Counters,
     exposition::metrics::Metrics,
     identity::kube::KubeStats,
@@ -55,14 +57,10 @@ pub async fn run(
             tracked
                 .iter()
                 .filter_map(|t| {
-                    // The scanner's entry first, then the socket's: the close removes the socket's
-                    // first, so a connection that closes between the two reads is skipped (its
-                    // close record carries its final figures) instead of being sampled with its
-                    // scanner entry already gone, as if it had never been HTTP/2.
-                    let h2 =
-                        (t.direction == Direction::Outbound).then(|| p.h2_state(&h2_key(&t.key)));
-                    let counters = Counters::from(&p.sock_state(t.sock)?);
-                    let requests = h2.map(|h2| requests_figure(h2.as_ref(), &counters));
+                    let st = p.sock_state(t.sock)?;
+                    let counters = Counters::from(&st);
+                    let requests = (t.direction == Direction::Outbound)
+                        .then(|| requests_figure(&st, &counters));
                     Some(Sample {
                         key: t.key,
                         sock: t.sock,

@@ -20,7 +20,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint},
 };
-use fanout_common::{Config, H2Key, KernelOffsets, LostReason, SockLayout, SockState, h2::H2Scan};
+use fanout_common::{Config, KernelOffsets, LostReason, SockLayout, SockState};
 
 use crate::features::Feature;
 
@@ -231,7 +231,6 @@ pub struct Probe {
     ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
     socks: HashMap<MapData, u64, SockState>,
-    h2: HashMap<MapData, H2Key, H2Scan>,
     /// Forwards the programs' aya-log records to `tracing`.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub plan: HookPlan,
@@ -405,8 +404,6 @@ impl Probe {
             name: "SOCKS",
             source,
         })?;
-        let h2 = ebpf.take_map("H2").ok_or(ProbeError::NoMap("H2"))?;
-        let h2 = HashMap::try_from(h2).map_err(|source| ProbeError::Map { name: "H2", source })?;
         let lost = ebpf.take_map("LOST").ok_or(ProbeError::NoMap("LOST"))?;
         let lost = PerCpuArray::try_from(lost).map_err(|source| ProbeError::Map {
             name: "LOST",
@@ -418,7 +415,6 @@ impl Probe {
                 ebpf,
                 lost,
                 socks,
-                h2,
                 logger,
                 plan,
                 outcomes,
@@ -444,14 +440,10 @@ impl Probe {
             .collect()
     }
 
-    /// The kernel's state of a live socket (owner, start, byte and message counters).
+    /// The kernel's state of a live socket (owner, start, byte and message counters, and the
+    /// HTTP/2 scanner's figure for a client end it follows).
     pub fn sock_state(&self, sock: u64) -> Option<SockState> {
         self.socks.get(&sock, 0).ok()
-    }
-
-    /// The HTTP/2 scanner state of a connection's egress direction.
-    pub fn h2_state(&self, key: &H2Key) -> Option<H2Scan> {
-        self.h2.get(key, 0).ok()
     }
 
     /// Forwards pending kernel-side log records to `tracing`.
