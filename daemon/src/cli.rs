@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// way out should a kernel's raw tracepoint misbehave).
     #[arg(long)]
     pub classic_tracepoints: bool,
+    /// Use raw tracepoints even where the BTF-typed ones work (these keep a server end's state
+    /// with its socket and take its owner at its first read or write).
+    #[arg(long)]
+    pub no_btf_tracepoints: bool,
     /// Do not scan /proc for connections that predate the daemon (nor compare the table with the
     /// kernel's socket tables later).
     #[arg(long)]
@@ -164,6 +168,7 @@ impl RunArgs {
                 cgroup_root: self.cgroup_root.clone(),
                 proc_root: self.proc_root.clone(),
                 classic_tracepoints: self.classic_tracepoints,
+                btf_tracepoints: !self.no_btf_tracepoints,
             },
             listen: self.listen,
             poll_interval: self.poll_interval,

@@ -86,22 +86,36 @@ fn assert_no_losses(agent: &Agent) {
     }
 }
 
+/// Which form of the tracepoints a lab run asks for.
+#[derive(Clone, Copy, PartialEq)]
+enum Hooks {
+    /// BTF-typed (the default): server ends' state with the socket, owner at the first read.
+    Btf,
+    /// Raw (`--no-btf-tracepoints`, and the fallback where BTF-typed ones fail).
+    Raw,
+    /// Classic (`--classic-tracepoints`, and the fallback where raw ones fail).
+    Classic,
+}
+
 /// K connections from pod0 to pod1: exactly K of each lifecycle step on each side, with the
-/// right namespaces, 4-tuples and owners, and nothing lost; through the raw tracepoints (the
-/// default) or the classic ones (`--classic-tracepoints`, and the fallback where raw ones fail).
-async fn k_connections(v6: bool, k: usize, classic: bool) {
+/// right namespaces, 4-tuples and owners, and nothing lost; through each form of the hooks.
+async fn k_connections(v6: bool, k: usize, hooks: Hooks) {
     require_root();
     let (lab, server) = lab::client_server(v6, k as u32).expect("lab");
     let client = lab.pod(0).clone();
-    let agent = start_agent_with(|o| o.probe.classic_tracepoints = classic).await;
+    let agent = start_agent_with(|o| {
+        o.probe.classic_tracepoints = hooks == Hooks::Classic;
+        o.probe.btf_tracepoints = hooks == Hooks::Btf;
+    })
+    .await;
     let info = agent.shared().metrics.encode().expect("metrics encode");
-    let (want, not) = if classic {
-        ("tracepoint:sock/inet_sock_set_state", "raw_tracepoint:")
-    } else {
-        (
+    let (want, not) = match hooks {
+        Hooks::Classic => ("tracepoint:sock/inet_sock_set_state", "raw_tracepoint:"),
+        Hooks::Raw => (
             "raw_tracepoint:inet_sock_set_state",
             "tracepoint:sock/inet_sock",
-        )
+        ),
+        Hooks::Btf => ("tp_btf:inet_sock_set_state", "tracepoint:"),
     };
     let build = info
         .lines()
@@ -209,18 +223,24 @@ async fn k_connections(v6: bool, k: usize, classic: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k_ipv4_connections_are_reported_exactly() {
-    k_connections(false, 200, false).await;
+    k_connections(false, 200, Hooks::Btf).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k_ipv6_connections_are_reported_exactly() {
-    k_connections(true, 50, false).await;
+    k_connections(true, 50, Hooks::Btf).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_connections_through_the_raw_tracepoints_are_reported_exactly() {
+    k_connections(false, 100, Hooks::Raw).await;
+    k_connections(true, 30, Hooks::Raw).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k_connections_through_the_classic_tracepoints_are_reported_exactly() {
-    k_connections(false, 100, true).await;
-    k_connections(true, 30, true).await;
+    k_connections(false, 100, Hooks::Classic).await;
+    k_connections(true, 30, Hooks::Classic).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

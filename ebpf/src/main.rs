@@ -1,11 +1,15 @@
 //! fanout's kernel side: the TCP lifecycle tracer.
 //!
 //! * `sock/inet_sock_set_state` turns state transitions into lifecycle records (connect,
-//!   established, passive open, failed connect, close) and remembers per-socket owner and start
-//!   time in `SOCKS`.
-//! * `syscalls/sys_exit_accept{,4}` runs in the accepting task's context, finds the returned
-//!   socket through the task's file table and records the owner of a passively opened socket.
-//! * `sock/sock_{send,recv}_length` count payload bytes and calls into `SOCKS`.
+//!   established, passive open, failed connect, close) and remembers per-socket owner, start
+//!   time and counters: for client ends in `SOCKS`, keyed by socket address, where the daemon's
+//!   sampler reads them live; for server ends, in the BTF-typed form, in `SERVER_ENDS`, kept with
+//!   the socket (socket-local storage, which only BTF-typed programs reach).
+//! * `syscalls/sys_exit_accept{,4}` (with the raw and classic forms) runs in the accepting task's
+//!   context, finds the returned socket through the task's file table and records the owner of a
+//!   passively opened socket. The BTF-typed length hooks take the owner at the socket's first
+//!   read or write instead.
+//! * `sock/sock_{send,recv}_length` count payload bytes and calls.
 //! * `h2_egress` (cgroup_skb) counts HTTP/2 requests in the egress of client sockets, its state
 //!   kept with the socket (`SLOTS`), its figure mirrored into `SOCKS`.
 //!
@@ -28,11 +32,12 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_sk_fullsock, bpf_skb_load_bytes, generated::bpf_sk_storage_get,
+        bpf_probe_read_kernel, bpf_sk_fullsock, bpf_skb_load_bytes,
+        generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
     },
-    macros::{btf_map, cgroup_skb, map, raw_tracepoint, tracepoint},
+    macros::{btf_map, btf_tracepoint, cgroup_skb, map, raw_tracepoint, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, SkBuffContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, SkBuffContext, TracePointContext},
 };
 use aya_log_ebpf::{debug, warn};
 use fanout_common::{
@@ -71,8 +76,35 @@ static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, BPF_F_N
 #[btf_map]
 static SLOTS: SkStorage<H2Scan> = SkStorage::new();
 
+/// The state of a server end (passive open to close), kept with the socket by the BTF-typed
+/// hooks: no hash insert at the open, no delete at the close, a lookup without hashing at each
+/// read and write. Server ends are not sampled live (their figures come with the close), so no
+/// user-space reader needs them by address as it does client ends' `SOCKS` entries.
+#[btf_map]
+static SERVER_ENDS: SkStorage<SockState> = SkStorage::new();
+
 /// `BPF_SK_STORAGE_GET_F_CREATE`
 const SK_STORAGE_CREATE: u64 = 1;
+
+/// `storage`'s value for socket `sk` (a pointer the verifier knows as a socket), made zeroed when
+/// `create` and missing. None when missing and not made, or when the kernel could not allocate
+/// it. Valid for the rest of the program run (the 'static is this run's).
+#[inline(always)]
+fn stored<T>(storage: *const c_void, sk: *mut c_void, create: bool) -> Option<&'static mut T> {
+    let flags = if create { SK_STORAGE_CREATE } else { 0 };
+    // SAFETY: helper call with a socket-storage map and a socket pointer; it returns NULL or a
+    // pointer to the socket's value of the map's value type.
+    unsafe {
+        let p = bpf_sk_storage_get(storage as *mut c_void, sk, core::ptr::null_mut(), flags);
+        (p as *mut T).as_mut()
+    }
+}
+
+/// The server-end state of socket `sk`, if it has one.
+#[inline(always)]
+fn server_end(sk: *mut c_void) -> Option<&'static mut SockState> {
+    stored(core::ptr::addr_of!(SERVER_ENDS).cast(), sk, false)
+}
 
 /// Per-CPU loss counters, indexed by `LostReason`.
 #[map]
@@ -231,16 +263,32 @@ fn read_kernel<T>(base: u64, off: u16) -> Result<T, i32> {
 /// transitions fanout ignores (4 of the 10 runs of a short connection) cost a few instructions.
 /// The socket's fields are read only for the ones it reports.
 fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i32> {
-    let oldstate = ctx.arg::<u64>(1) as i32;
-    let newstate = ctx.arg::<u64>(2) as i32;
-    let Some(kind) = classify(oldstate, newstate) else {
-        return Ok(());
-    };
     let sk: u64 = ctx.arg(0);
     let cfg = config();
+    let Some((kind, rec)) =
+        transition(&cfg, sk, ctx.arg::<u64>(1) as i32, ctx.arg::<u64>(2) as i32)?
+    else {
+        return Ok(());
+    };
+    lifecycle(ctx, &cfg, kind, sk, rec)
+}
+
+/// What the raw and the BTF-typed lifecycle hooks share: the transition of socket `sk` from
+/// `oldstate` to `newstate` as a record (addresses and ports read from the socket), or None for
+/// the transitions and sockets fanout ignores, decided before any read of the socket it can.
+#[inline(always)]
+fn transition(
+    cfg: &Config,
+    sk: u64,
+    oldstate: i32,
+    newstate: i32,
+) -> Result<Option<(RecordKind, Record)>, i32> {
+    let Some(kind) = classify(oldstate, newstate) else {
+        return Ok(None);
+    };
     let off = cfg.sk;
     if read_kernel::<u16>(sk, off.protocol)? != IPPROTO_TCP {
-        return Ok(());
+        return Ok(None);
     }
     let family: u16 = read_kernel(sk, off.family)?;
     let mut rec = Record::zeroed();
@@ -257,10 +305,7 @@ fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i32> {
             ))
         },
     )?;
-    if !known {
-        return Ok(());
-    }
-    lifecycle(ctx, &cfg, kind, sk, rec)
+    Ok(known.then_some((kind, rec)))
 }
 
 /// Fills the record's addresses for `family` from the (source, destination) pair that `v4` or
@@ -297,11 +342,7 @@ fn lifecycle<C: EbpfContext>(
     sk: u64,
     mut rec: Record,
 ) -> Result<(), i32> {
-    rec.ts_ns = unsafe { bpf_ktime_get_ns() };
-    rec.sock = sk;
-    rec.kind = kind as u8;
-    rec.netns = netns_of(sk, cfg);
-
+    stamp(&mut rec, cfg, kind, sk);
     match kind {
         RecordKind::Connect => {
             // Process context: the connecting task owns the socket.
@@ -330,22 +371,7 @@ fn lifecycle<C: EbpfContext>(
             let dialled = kind == RecordKind::Close;
             if let Some(st) = SOCKS.get_ptr(sk) {
                 // SAFETY: map value pointer from a successful lookup; copied before removal.
-                let st = unsafe { *st };
-                owner_from_state(&mut rec, &st);
-                if st.start_ns != 0 && rec.ts_ns >= st.start_ns {
-                    rec.duration_ns = rec.ts_ns - st.start_ns;
-                    rec.flags |= Record::FLAG_START_KNOWN;
-                }
-                rec.flags |= Record::FLAG_COUNTERS;
-                rec.bytes_sent = st.bytes_sent;
-                rec.bytes_recv = st.bytes_recv;
-                rec.msgs_sent = st.msgs_sent;
-                rec.msgs_recv = st.msgs_recv;
-                // The scanner's final figure travels with the close: user space reads no map.
-                if dialled && st.flags & SockState::FLAG_PASSIVE == 0 {
-                    rec.h2 = st.h2 as u8;
-                    rec.requests = st.requests;
-                }
+                closing(&mut rec, unsafe { &*st }, dialled);
                 let _ = SOCKS.remove(sk);
             }
         }
@@ -353,6 +379,109 @@ fn lifecycle<C: EbpfContext>(
     }
     emit(&rec, cfg.wakeup_bytes);
     Ok(())
+}
+
+/// Time, socket, kind and namespace of a record about to be emitted for socket `sk`.
+#[inline(always)]
+fn stamp(rec: &mut Record, cfg: &Config, kind: RecordKind, sk: u64) {
+    rec.ts_ns = unsafe { bpf_ktime_get_ns() };
+    rec.sock = sk;
+    rec.kind = kind as u8;
+    rec.netns = netns_of(sk, cfg);
+}
+
+/// Fills a close record from the socket's state: owner, duration, final counters, and for the
+/// client end of an established connection (`dialled`) the scanner's final figure, so that user
+/// space reads no map on a close.
+#[inline(always)]
+fn closing(rec: &mut Record, st: &SockState, dialled: bool) {
+    owner_from_state(rec, st);
+    if st.start_ns != 0 && rec.ts_ns >= st.start_ns {
+        rec.duration_ns = rec.ts_ns - st.start_ns;
+        rec.flags |= Record::FLAG_START_KNOWN;
+    }
+    rec.flags |= Record::FLAG_COUNTERS;
+    rec.bytes_sent = st.bytes_sent;
+    rec.bytes_recv = st.bytes_recv;
+    rec.msgs_sent = st.msgs_sent;
+    rec.msgs_recv = st.msgs_recv;
+    if dialled && st.flags & SockState::FLAG_PASSIVE == 0 {
+        rec.h2 = st.h2 as u8;
+        rec.requests = st.requests;
+    }
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    // Errors here are failed reads of the socket; there is nothing to report.
+    let _ = try_set_state_btf(&ctx);
+    0
+}
+
+/// The BTF-typed tracepoint (the raw one's arguments, the socket pointer typed): as the raw one,
+/// except that a server end's state lives with its socket (`SERVER_ENDS`).
+fn try_set_state_btf(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let sk: *mut c_void = ctx.arg(0);
+    let cfg = config();
+    let Some((kind, mut rec)) = transition(
+        &cfg,
+        sk as u64,
+        ctx.arg::<u64>(1) as i32,
+        ctx.arg::<u64>(2) as i32,
+    )?
+    else {
+        return Ok(());
+    };
+    match kind {
+        RecordKind::PassiveOpen => {
+            stamp(&mut rec, &cfg, kind, sk as u64);
+            // Usually softirq context: the current task is not the owner; its first read or
+            // write tells.
+            match stored::<SockState>(core::ptr::addr_of!(SERVER_ENDS).cast(), sk, true) {
+                Some(st) => *st = SockState::passive(rec.ts_ns),
+                None => {
+                    count_lost(LostReason::SockMapFull);
+                    warn!(
+                        ctx,
+                        "fanout: no socket storage for a server end; owner and duration will be \
+                         missing"
+                    );
+                }
+            }
+            emit(&rec, cfg.wakeup_bytes);
+            Ok(())
+        }
+        RecordKind::Close => match server_end(sk) {
+            Some(st) => {
+                stamp(&mut rec, &cfg, kind, sk as u64);
+                closing(&mut rec, st, false);
+                // Not left to the socket's release: a closed socket may connect again, and its
+                // reads and writes must then count as a client end's.
+                // SAFETY: helper call with the map and the typed socket pointer.
+                let _ = unsafe {
+                    bpf_sk_storage_delete(core::ptr::addr_of!(SERVER_ENDS) as *mut c_void, sk)
+                };
+                emit(&rec, cfg.wakeup_bytes);
+                Ok(())
+            }
+            None => lifecycle(ctx, &cfg, kind, sk as u64, rec),
+        },
+        _ => lifecycle(ctx, &cfg, kind, sk as u64, rec),
+    }
+}
+
+/// Makes the current task the owner of a passively opened socket (`st`) and tells user space
+/// with an `Accepted` record.
+#[inline(always)]
+fn claim_owner(cfg: &Config, sk: u64, st: &mut SockState) {
+    let mut rec = Record::zeroed();
+    current_owner(&mut rec);
+    st.tgid = rec.tgid;
+    st.tid = rec.tid;
+    st.comm = rec.comm;
+    st.flags |= Record::FLAG_OWNER_KNOWN as u32;
+    stamp(&mut rec, cfg, RecordKind::Accepted, sk);
+    emit(&rec, cfg.wakeup_bytes);
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
@@ -413,18 +542,7 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     // SAFETY: map value pointer from a successful lookup.
-    let st = unsafe { &mut *st };
-    let mut rec = Record::zeroed();
-    rec.ts_ns = unsafe { bpf_ktime_get_ns() };
-    rec.sock = sk;
-    rec.kind = RecordKind::Accepted as u8;
-    current_owner(&mut rec);
-    st.tgid = rec.tgid;
-    st.tid = rec.tid;
-    st.comm = rec.comm;
-    st.flags |= Record::FLAG_OWNER_KNOWN as u32;
-    rec.netns = netns_of(sk, &cfg);
-    emit(&rec, cfg.wakeup_bytes);
+    claim_owner(&cfg, sk, unsafe { &mut *st });
     Ok(())
 }
 
@@ -498,6 +616,42 @@ fn msg_length_raw(ctx: &RawTracePointContext, sent: bool) {
     count_msg(ctx.arg(0), sent, ret);
 }
 
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
+    msg_length_btf(&ctx, true);
+    0
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
+    msg_length_btf(&ctx, false);
+    0
+}
+
+/// The BTF-typed length tracepoints: a server end's counters in its socket's storage, and its
+/// owner. These hooks run in the context of the task that reads or writes, so a server end's
+/// first read or write names its owner, in place of the accept syscall's file-table walk (a
+/// syscall tracepoint cannot reach socket storage). A socket accepted and closed without a read
+/// or write stays without owner. Client ends count into `SOCKS` as in the raw form.
+#[inline(always)]
+fn msg_length_btf(ctx: &BtfTracePointContext, sent: bool) {
+    let sk: *mut c_void = ctx.arg(0);
+    let ret = ctx.arg::<u64>(1) as i32;
+    let counted = ret > 0 && (sent || (ctx.arg::<u64>(2) as i32) & MSG_PEEK == 0);
+    match server_end(sk) {
+        Some(st) => {
+            if st.flags & Record::FLAG_OWNER_KNOWN as u32 == 0 {
+                claim_owner(&config(), sk as u64, st);
+            }
+            if counted {
+                add_msg(st, sent, ret);
+            }
+        }
+        None if counted => count_msg(sk as u64, sent, ret),
+        None => {}
+    }
+}
+
 /// Adds one call of `ret` bytes to a tracked socket's counters.
 #[inline(always)]
 fn count_msg(sk: u64, sent: bool, ret: i32) {
@@ -505,7 +659,12 @@ fn count_msg(sk: u64, sent: bool, ret: i32) {
         return;
     };
     // SAFETY: map value pointer from a successful lookup.
-    let st = unsafe { &mut *st };
+    add_msg(unsafe { &mut *st }, sent, ret);
+}
+
+/// Adds one call of `ret` bytes to a socket state's counters.
+#[inline(always)]
+fn add_msg(st: &mut SockState, sent: bool, ret: i32) {
     if sent {
         add(&mut st.bytes_sent, ret as u64);
         add(&mut st.msgs_sent, 1);
@@ -613,11 +772,8 @@ fn scanner_of(
     ctx: &SkBuffContext,
     seg: &Egress,
 ) -> Result<Option<(&'static mut H2Scan, bool)>, i64> {
-    let map = core::ptr::addr_of!(SLOTS) as *mut c_void;
-    // SAFETY: helper call with the map and a full socket; it returns NULL or the socket's value,
-    // valid for this program run (the 'static is this run's).
-    let found = unsafe { bpf_sk_storage_get(map, seg.sk.cast(), core::ptr::null_mut(), 0) };
-    if let Some(scan) = unsafe { (found as *mut H2Scan).as_mut() } {
+    let map: *const c_void = core::ptr::addr_of!(SLOTS).cast();
+    if let Some(scan) = stored::<H2Scan>(map, seg.sk.cast(), false) {
         return Ok(Some((scan, false)));
     }
     if seg.len < 6 {
@@ -635,10 +791,8 @@ fn scanner_of(
         Some(st) if unsafe { (*st).flags } & SockState::FLAG_PASSIVE == 0 => {}
         _ => return Ok(None),
     }
-    // SAFETY: as above; the new value is zeroed, which is `H2Scan::new()`.
-    let made =
-        unsafe { bpf_sk_storage_get(map, seg.sk.cast(), core::ptr::null_mut(), SK_STORAGE_CREATE) };
-    match unsafe { (made as *mut H2Scan).as_mut() } {
+    // A new value is zeroed, which is `H2Scan::new()`.
+    match stored::<H2Scan>(map, seg.sk.cast(), true) {
         Some(scan) => Ok(Some((scan, true))),
         None => {
             count_lost(LostReason::SockMapFull);

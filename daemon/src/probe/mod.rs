@@ -18,7 +18,9 @@ use std::{os::fd::AsFd as _, path::PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint,
+    },
 };
 use fanout_common::{Config, KernelOffsets, LostReason, SockLayout, SockState};
 
@@ -86,7 +88,12 @@ pub struct ProbeOptions {
     pub proc_root: PathBuf,
     /// Use the classic tracepoints even where raw ones work (they cost more per run: the kernel
     /// builds a trace record and every field is a helper call). For comparison and as a way out.
+    /// Implies no BTF-typed ones.
     pub classic_tracepoints: bool,
+    /// Use the BTF-typed tracepoints where the kernel takes them: they keep a server end's state
+    /// with its socket (socket-local storage) and take its owner at its first read or write,
+    /// instead of a map entry and the accept syscall's file-table walk. False: raw ones.
+    pub btf_tracepoints: bool,
 }
 
 impl Default for ProbeOptions {
@@ -102,6 +109,7 @@ impl Default for ProbeOptions {
             cgroup_root: None,
             proc_root: PathBuf::from("/proc"),
             classic_tracepoints: false,
+            btf_tracepoints: true,
         }
     }
 }
@@ -312,80 +320,33 @@ impl Probe {
                 None
             }
         };
-        plan.lifecycle = attach_either(
-            &mut ebpf,
-            sk_layout.is_some(),
-            (
-                "inet_sock_set_state_raw",
-                "raw_tracepoint:inet_sock_set_state",
-            ),
-            (
-                "inet_sock_set_state",
-                "sock",
-                "tracepoint:sock/inet_sock_set_state",
-            ),
-        )?;
         let mut outcomes = Vec::new();
-        let kernel_fix = "a kernel with these tracepoints (Linux 4.16 or later with \
-                          CONFIG_FTRACE_SYSCALLS for the syscall ones)";
-        let accept = match plan.accept_owner {
-            None => Outcome::Off {
-                reason: "syscalls/sys_exit_accept{,4} tracepoints missing from this kernel".into(),
-                fix: kernel_fix.into(),
-            },
-            Some(hook) => [
-                ("sys_exit_accept4", "sys_exit_accept4"),
-                ("sys_exit_accept", "sys_exit_accept"),
-            ]
-            .into_iter()
-            .try_for_each(|(name, tp)| attach(&mut ebpf, name, "syscalls", tp))
-            .map_or_else(
-                |e| {
-                    plan.accept_owner = None;
-                    Outcome::Off {
-                        reason: e.to_string(),
-                        fix: "see the error; CAP_PERFMON attaches tracepoints".into(),
-                    }
-                },
-                |()| Outcome::On(hook.into()),
-            ),
-        };
-        outcomes.push((Feature::AcceptOwner, accept));
-        let counters = match plan.counters {
-            None => Outcome::Off {
-                reason: "sock/sock_{send,recv}_length tracepoints missing from this kernel".into(),
-                fix: "Linux 6.2 or later".into(),
-            },
-            Some(_) => {
-                let attached = [
-                    ("sock_send_length_raw", "sock_send_length"),
-                    ("sock_recv_length_raw", "sock_recv_length"),
-                ]
-                .into_iter()
-                .try_fold("", |_, (raw, classic)| {
-                    attach_either(
-                        &mut ebpf,
-                        !opts.classic_tracepoints,
-                        (raw, "raw_tracepoint:sock_{send,recv}_length"),
-                        (classic, "sock", "tracepoint:sock/sock_{send,recv}_length"),
-                    )
-                });
-                match attached {
-                    Ok(hook) => {
-                        plan.counters = Some(hook);
-                        Outcome::On(hook.into())
-                    }
-                    Err(e) => {
-                        plan.counters = None;
-                        Outcome::Off {
-                            reason: e.to_string(),
-                            fix: "see the error; CAP_PERFMON attaches tracepoints".into(),
-                        }
-                    }
-                }
+        let btf_first = opts.btf_tracepoints && kernel.msg_tracepoints && sk_layout.is_some();
+        match btf_first.then(|| attach_btf(&mut ebpf, &opts.btf_path)) {
+            Some(Ok(())) => {
+                plan.lifecycle = BTF_LIFECYCLE;
+                plan.accept_owner = Some(BTF_OWNER);
+                plan.counters = Some(BTF_COUNTERS);
+                outcomes.push((Feature::AcceptOwner, Outcome::On(BTF_OWNER.into())));
+                outcomes.push((Feature::ByteCounters, Outcome::On(BTF_COUNTERS.into())));
             }
-        };
-        outcomes.push((Feature::ByteCounters, counters));
+            attempt => {
+                if let Some(Err(e)) = attempt {
+                    tracing::warn!(
+                        error = %e,
+                        "BTF-typed tracepoints refused; using raw ones, which keep server ends' \
+                         state in the socket map and walk the accepting task's file table"
+                    );
+                }
+                attach_tracepoints(
+                    &mut ebpf,
+                    opts,
+                    sk_layout.is_some(),
+                    &mut plan,
+                    &mut outcomes,
+                )?;
+            }
+        }
         let h2 = attach_h2(&mut ebpf, opts, held);
         if let Outcome::On(_) = &h2.1 {
             plan.h2_cgroup = h2.0;
@@ -484,11 +445,15 @@ impl Probe {
 }
 
 /// Programs whose runs emit lifecycle records: a run the kernel skipped may be a lost record.
-pub const RECORD_PROGRAMS: [&str; 4] = [
+pub const RECORD_PROGRAMS: [&str; 7] = [
+    "inet_sock_set_state_btf",
     "inet_sock_set_state_raw",
     "inet_sock_set_state",
     "sys_exit_accept4",
     "sys_exit_accept",
+    // They emit the owner of a server end at its first read or write.
+    "sock_send_length_btf",
+    "sock_recv_length_btf",
 ];
 
 /// A `name:\tvalue` field of a BPF object's fdinfo text.
@@ -520,6 +485,122 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, category: &str, tp: &str) -> Resu
     prog.load().map_err(program_err(name))?;
     prog.attach(category, tp).map_err(program_err(name))?;
     Ok(())
+}
+
+/// The lifecycle, accept and length hooks as raw tracepoints where `raw`, else classic ones.
+fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    opts: &ProbeOptions,
+    raw: bool,
+    plan: &mut HookPlan,
+    outcomes: &mut Vec<(Feature, Outcome)>,
+) -> Result<(), ProbeError> {
+    plan.lifecycle = attach_either(
+        ebpf,
+        raw,
+        (
+            "inet_sock_set_state_raw",
+            "raw_tracepoint:inet_sock_set_state",
+        ),
+        (
+            "inet_sock_set_state",
+            "sock",
+            "tracepoint:sock/inet_sock_set_state",
+        ),
+    )?;
+    let kernel_fix = "a kernel with these tracepoints (Linux 4.16 or later with \
+                      CONFIG_FTRACE_SYSCALLS for the syscall ones)";
+    let accept = match plan.accept_owner {
+        None => Outcome::Off {
+            reason: "syscalls/sys_exit_accept{,4} tracepoints missing from this kernel".into(),
+            fix: kernel_fix.into(),
+        },
+        Some(hook) => [
+            ("sys_exit_accept4", "sys_exit_accept4"),
+            ("sys_exit_accept", "sys_exit_accept"),
+        ]
+        .into_iter()
+        .try_for_each(|(name, tp)| attach(ebpf, name, "syscalls", tp))
+        .map_or_else(
+            |e| {
+                plan.accept_owner = None;
+                Outcome::Off {
+                    reason: e.to_string(),
+                    fix: "see the error; CAP_PERFMON attaches tracepoints".into(),
+                }
+            },
+            |()| Outcome::On(hook.into()),
+        ),
+    };
+    outcomes.push((Feature::AcceptOwner, accept));
+    let counters = match plan.counters {
+        None => Outcome::Off {
+            reason: "sock/sock_{send,recv}_length tracepoints missing from this kernel".into(),
+            fix: "Linux 6.2 or later".into(),
+        },
+        Some(_) => {
+            let attached = [
+                ("sock_send_length_raw", "sock_send_length"),
+                ("sock_recv_length_raw", "sock_recv_length"),
+            ]
+            .into_iter()
+            .try_fold("", |_, (raw, classic)| {
+                attach_either(
+                    ebpf,
+                    !opts.classic_tracepoints,
+                    (raw, "raw_tracepoint:sock_{send,recv}_length"),
+                    (classic, "sock", "tracepoint:sock/sock_{send,recv}_length"),
+                )
+            });
+            match attached {
+                Ok(hook) => {
+                    plan.counters = Some(hook);
+                    Outcome::On(hook.into())
+                }
+                Err(e) => {
+                    plan.counters = None;
+                    Outcome::Off {
+                        reason: e.to_string(),
+                        fix: "see the error; CAP_PERFMON attaches tracepoints".into(),
+                    }
+                }
+            }
+        }
+    };
+    outcomes.push((Feature::ByteCounters, counters));
+    Ok(())
+}
+
+const BTF_LIFECYCLE: &str = "tp_btf:inet_sock_set_state";
+const BTF_OWNER: &str =
+    "tp_btf:sock_{send,recv}_length (a server end's owner at its first read or write)";
+const BTF_COUNTERS: &str = "tp_btf:sock_{send,recv}_length";
+
+/// The BTF-typed lifecycle and length tracepoints, all or none: on an error, the ones already
+/// attached are detached again.
+fn attach_btf(ebpf: &mut Ebpf, btf_path: &std::path::Path) -> Result<(), ProbeError> {
+    const PROGRAMS: [(&str, &str); 3] = [
+        ("inet_sock_set_state_btf", "inet_sock_set_state"),
+        ("sock_send_length_btf", "sock_send_length"),
+        ("sock_recv_length_btf", "sock_recv_length"),
+    ];
+    let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default())
+        .map_err(|e| ProbeError::Option(format!("reading BTF from {}: {e}", btf_path.display())))?;
+    let attached = PROGRAMS.iter().try_for_each(|&(name, tp)| {
+        let prog: &mut BtfTracePoint = program(ebpf, name)?;
+        prog.load(tp, &btf).map_err(program_err(name))?;
+        prog.attach().map_err(program_err(name))?;
+        Ok(())
+    });
+    if attached.is_err() {
+        for (name, _) in PROGRAMS {
+            if let Ok(prog) = program::<BtfTracePoint>(ebpf, name) {
+                // Unloading detaches its links; one never loaded has nothing to undo.
+                let _ = prog.unload();
+            }
+        }
+    }
+    attached
 }
 
 /// Attaches the raw tracepoint form of a hook when `raw` (falling back to the classic form, with a
