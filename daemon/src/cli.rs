@@ -69,10 +69,11 @@ pub struct RunArgs {
     /// way out should a kernel's raw tracepoint misbehave).
     #[arg(long)]
     pub classic_tracepoints: bool,
-    /// Use raw tracepoints even where the BTF-typed ones work (these keep a server end's state
-    /// with its socket and take its owner at its first read or write).
+    /// Use the BTF-typed tracepoints where the kernel takes them: a server end's state kept with
+    /// its socket, its owner taken at its first read or write (off by default: they cost more
+    /// per connection than the raw ones where measured, see BENCHMARKS.md).
     #[arg(long)]
-    pub no_btf_tracepoints: bool,
+    pub btf_tracepoints: bool,
     /// Do not scan /proc for connections that predate the daemon (nor compare the table with the
     /// kernel's socket tables later).
     #[arg(long)]
@@ -168,7 +169,7 @@ impl RunArgs {
                 cgroup_root: self.cgroup_root.clone(),
                 proc_root: self.proc_root.clone(),
                 classic_tracepoints: self.classic_tracepoints,
-                btf_tracepoints: !self.no_btf_tracepoints,
+                btf_tracepoints: self.btf_tracepoints,
             },
             listen: self.listen,
             poll_interval: self.poll_interval,

@@ -92,7 +92,8 @@ pub struct ProbeOptions {
     pub classic_tracepoints: bool,
     /// Use the BTF-typed tracepoints where the kernel takes them: they keep a server end's state
     /// with its socket (socket-local storage) and take its owner at its first read or write,
-    /// instead of a map entry and the accept syscall's file-table walk. False: raw ones.
+    /// instead of a map entry and the accept syscall's file-table walk. Off by default: on the
+    /// machine measured they cost more per connection than the raw ones (BENCHMARKS.md).
     pub btf_tracepoints: bool,
 }
 
@@ -109,7 +110,7 @@ impl Default for ProbeOptions {
             cgroup_root: None,
             proc_root: PathBuf::from("/proc"),
             classic_tracepoints: false,
-            btf_tracepoints: true,
+            btf_tracepoints: false,
         }
     }
 }
