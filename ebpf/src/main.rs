@@ -332,8 +332,8 @@ fn addresses(
 }
 
 /// What both forms of the lifecycle hook do with a transition they report: `rec` carries the
-/// addresses and ports; this adds time, socket, namespace, owner and counters, keeps `SOCKS` and
-/// `H2` in step, and emits.
+/// addresses and ports; this adds time, socket, namespace, owner and counters, keeps `SOCKS` in
+/// step, and emits.
 #[inline(always)]
 fn lifecycle<C: EbpfContext>(
     ctx: &C,
