@@ -201,7 +201,9 @@ impl SockState {
 pub enum LostReason {
     /// The ring buffer had no room for the record.
     RingFull = 0,
-    /// The per-socket state map was full; the record went out without owner or start time.
+    /// The per-socket state map was full, or the kernel could not allocate a socket's storage
+    /// (the scanner's state, or a server end's with `--btf-tracepoints`); the record went out
+    /// without owner or start time, or the connection without a request count.
     SockMapFull = 1,
     /// A kernel read (`bpf_probe_read_kernel`) failed; the record went out without that field.
     KernelRead = 2,
