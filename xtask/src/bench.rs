@@ -1243,6 +1243,9 @@ fn memory(
         settle();
         if big {
             m.rss_both = d.rss_kib()?;
+            // Where the memory is, for whoever reads the log (`--memory-only` prints the path).
+            let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", d.pid()))?;
+            std::fs::write(log.with_file_name("smaps-both.txt"), smaps)?;
             let budget = Duration::from_secs(20);
             let mut api = |label: String,
                            conns: &str,
@@ -1303,6 +1306,8 @@ pub struct Options {
     pub pairs: usize,
     /// Connections per throughput round.
     pub conns: u64,
+    /// Only the memory and API phase, printed to stderr; BENCHMARKS.md is not written.
+    pub memory_only: bool,
 }
 
 /// Runs the benchmark with the release daemon `fanout` and the release load generator
@@ -1310,7 +1315,7 @@ pub struct Options {
 /// table that `cargo bench -p fanout --bench scrape` printed.
 pub fn run(fanout: &Path, loadgen: &Path, opts: &Options, scrape: &str, out: &Path) -> Result<()> {
     let scrape_table: Vec<&str> = scrape.lines().filter(|l| l.starts_with('|')).collect();
-    if scrape_table.len() < 3 {
+    if !opts.memory_only && scrape_table.len() < 3 {
         bail!("the scrape benchmark printed no table:\n{scrape}");
     }
     if opts.pairs < 1 || opts.conns < 1000 {
@@ -1350,6 +1355,29 @@ pub fn run(fanout: &Path, loadgen: &Path, opts: &Options, scrape: &str, out: &Pa
     std::fs::write(&small_inv, inventory(&lab_pods, 0, 0))?;
     std::fs::write(&big_inv, inventory(&lab_pods, 10_000, 1_000))?;
 
+    if opts.memory_only {
+        let m = memory(
+            fanout,
+            loadgen,
+            daemon_cpu,
+            &log,
+            (&small_inv, &big_inv),
+            (lab.pod(1), lab.pod(2), lab.pod(3)),
+        )?;
+        let mib = |k: f64| k / 1024.0;
+        eprintln!(
+            "memory only: idle {:.1} MiB, connections {:.1}, inventory {:.1}, both {:.1}, \
+             after the API {:.1}, peak {:.1}; maps {:.1} MiB",
+            mib(m.rss_idle),
+            mib(m.rss_conns),
+            mib(m.rss_inventory),
+            mib(m.rss_both),
+            mib(m.rss_after_api),
+            mib(m.hwm_after_api),
+            m.maps as f64 / 1048576.0
+        );
+        return Ok(());
+    }
     let server = Server::start(loadgen, lab.pod(0), daemon_cpu, 4)?;
     let mut client = Client::start(loadgen, lab.pod(0))?;
     // Nothing listens on port 9 of the pod's loopback: the refused connects.

@@ -51,6 +51,9 @@ enum Task {
         /// Connections per round.
         #[arg(long, default_value_t = 20_000)]
         conns: u64,
+        /// Only the memory and API phase, printed and not written: for trying a change.
+        #[arg(long)]
+        memory_only: bool,
     },
     /// Build the release daemon and its container image without a container engine: an OCI
     /// image layout in <out>/oci and an OCI archive <out>/fanout-oci.tar.
@@ -181,7 +184,11 @@ fn main() -> Result<()> {
             setup::run()?;
             demo(Duration::from_secs(watch))
         }
-        Task::Bench { rounds, conns } => {
+        Task::Bench {
+            rounds,
+            conns,
+            memory_only,
+        } => {
             setup::run()?;
             cargo(&["build", "--release", "--package", "fanout"])?;
             // The load loop, compiled in release (xtask/src/bin/loadgen.rs).
@@ -194,13 +201,18 @@ fn main() -> Result<()> {
                 "loadgen",
             ])?;
             let bin = target_dir().join("release/fanout");
-            let scrape = cargo_stdout(&["bench", "--package", "fanout", "--bench", "scrape"])?;
+            let scrape = if memory_only {
+                String::new()
+            } else {
+                cargo_stdout(&["bench", "--package", "fanout", "--bench", "scrape"])?
+            };
             xtask::bench::run(
                 &bin,
                 &target_dir().join("release/loadgen"),
                 &xtask::bench::Options {
                     pairs: rounds,
                     conns,
+                    memory_only,
                 },
                 &scrape,
                 &workspace_root().join("BENCHMARKS.md"),
