@@ -247,7 +247,7 @@ impl ConnTable {
                     Pending {
                         netns: ev.netns,
                         remote: ev.remote,
-                        owner: ev.owner.clone(),
+                        owner: ev.owner,
                         ts_ns: ev.ts_ns,
                     },
                 );
@@ -255,7 +255,7 @@ impl ConnTable {
             }
             RecordKind::Established => {
                 let pending = self.pending.remove(&ev.sock);
-                let owner = ev.owner.clone().or_else(|| pending.and_then(|p| p.owner));
+                let owner = ev.owner.or_else(|| pending.and_then(|p| p.owner));
                 let conn = Conn {
                     key,
                     direction: Direction::Outbound,
@@ -276,7 +276,7 @@ impl ConnTable {
                     direction: Direction::Inbound,
                     origin: Origin::Traced,
                     sock: ev.sock,
-                    owner: ev.owner.clone(),
+                    owner: ev.owner,
                     opened_ns: Some(ev.ts_ns),
                     backend: None,
                     counters: Counters::default(),
@@ -291,7 +291,7 @@ impl ConnTable {
                 };
                 match self.conns.get_mut(&key) {
                     Some(conn) if ev.owner.is_some() => {
-                        conn.owner = ev.owner.clone();
+                        conn.owner = ev.owner;
                         Change::OwnerLearnt(key)
                     }
                     _ => Change::Unmatched(RecordKind::Accepted),
@@ -300,8 +300,8 @@ impl ConnTable {
             RecordKind::ConnectFailed => {
                 let pending = self.pending.remove(&ev.sock);
                 let (netns, remote, owner) = match pending {
-                    Some(p) => (p.netns, p.remote, ev.owner.clone().or(p.owner)),
-                    None => (ev.netns, ev.remote, ev.owner.clone()),
+                    Some(p) => (p.netns, p.remote, ev.owner.or(p.owner)),
+                    None => (ev.netns, ev.remote, ev.owner),
                 };
                 Change::Failed {
                     netns,

@@ -21,7 +21,7 @@ use std::{
 };
 
 use super::{Conn, ConnKey, Direction, Origin};
-use crate::event::Owner;
+use crate::event::{Comm, Owner};
 
 /// One row of /proc/net/tcp{,6}.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,7 +169,7 @@ fn socket_owners(proc: &Path) -> (HashMap<u64, Owner>, usize) {
     for pid in numeric_dirs(proc) {
         let pdir = proc.join(pid.to_string());
         let comm = std::fs::read_to_string(pdir.join("comm"))
-            .map(|c| c.trim_end().to_string())
+            .map(|c| Comm::from(c.trim_end()))
             .unwrap_or_default();
         let fds = match std::fs::read_dir(pdir.join("fd")) {
             Ok(fds) => fds,
@@ -184,7 +184,7 @@ fn socket_owners(proc: &Path) -> (HashMap<u64, Owner>, usize) {
                 owners.entry(inode).or_insert_with(|| Owner {
                     pid,
                     tid: pid,
-                    comm: comm.clone(),
+                    comm,
                 });
             }
         }

@@ -39,11 +39,77 @@ impl EventTap {
 }
 
 /// The process that owns a socket, captured in its own context at connect or accept.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     pub pid: u32,
     pub tid: u32,
-    pub comm: String,
+    pub comm: Comm,
+}
+
+/// A task's command name as the kernel keeps it (`TASK_COMM_LEN`, 16 bytes), held inline: an
+/// owner costs no allocation per record or per table row. Shown and serialized as text, invalid
+/// UTF-8 replaced.
+///
+/// Invariant: the bytes after the name are zero, so equal names compare equal.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Comm([u8; 16]);
+
+impl Comm {
+    /// From the kernel's NUL-padded bytes.
+    pub fn from_raw(raw: &[u8; 16]) -> Self {
+        let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        let mut b = [0; 16];
+        b[..len].copy_from_slice(&raw[..len]);
+        Comm(b)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        let len = self.0.iter().position(|&b| b == 0).unwrap_or(16);
+        &self.0[..len]
+    }
+
+    pub fn to_str(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(self.as_bytes())
+    }
+}
+
+/// The longest prefix of `s` that fits 16 bytes, cut at a character boundary, up to a NUL.
+impl From<&str> for Comm {
+    fn from(s: &str) -> Self {
+        let s = s.split('\0').next().unwrap_or_default();
+        let mut end = s.len().min(16);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut b = [0; 16];
+        b[..end].copy_from_slice(&s.as_bytes()[..end]);
+        Comm(b)
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_str())
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.to_str(), f)
+    }
+}
+
+impl Serialize for Comm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Comm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Ok(Comm::from(&*s))
+    }
 }
 
 /// One decoded lifecycle record.
@@ -126,11 +192,6 @@ fn ip(version: u8, raw: [u8; 16]) -> IpAddr {
     }
 }
 
-fn comm(raw: &[u8; 16]) -> String {
-    let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..len]).into_owned()
-}
-
 /// Decodes one ring-buffer record.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     if bytes.len() != Record::SIZE {
@@ -152,7 +213,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let owner = (rec.flags & Record::FLAG_OWNER_KNOWN != 0).then(|| Owner {
         pid: rec.tgid,
         tid: rec.tid,
-        comm: comm(&rec.comm),
+        comm: Comm::from_raw(&rec.comm),
     });
     let duration =
         (rec.flags & Record::FLAG_START_KNOWN != 0).then(|| Duration::from_nanos(rec.duration_ns));
@@ -285,5 +346,32 @@ pub(crate) mod tests {
         let ev = decode(bytemuck::bytes_of(&r)).unwrap();
         assert_eq!(ev.kind, RecordKind::Accepted);
         assert!(ev.owner.is_some());
+    }
+
+    #[test]
+    fn comm_is_the_kernels_bytes_shown_as_text() {
+        let mut raw = [0u8; 16];
+        raw[..4].copy_from_slice(b"curl");
+        let c = Comm::from_raw(&raw);
+        assert_eq!(c, Comm::from("curl"));
+        assert_eq!(c.to_string(), "curl");
+        // Sixteen bytes with no NUL (the kernel's longest name, 15, plus one) are all kept.
+        assert_eq!(Comm::from_raw(&[b'a'; 16]).as_bytes().len(), 16);
+        // Invalid UTF-8 is replaced when shown, not when kept.
+        raw[..2].copy_from_slice(&[0xff, b'x']);
+        assert_eq!(Comm::from_raw(&raw).to_string(), "\u{fffd}xrl");
+        // Text longer than 16 bytes is cut at a character boundary (é is two bytes).
+        let long = Comm::from("éééééééééé");
+        assert_eq!(long.to_string(), "éééééééé");
+        assert_eq!(Comm::from("a\0b"), Comm::from("a"));
+        let json = serde_json::to_string(&Owner {
+            pid: 1,
+            tid: 2,
+            comm: c,
+        })
+        .unwrap();
+        assert_eq!(json, r#"{"pid":1,"tid":2,"comm":"curl"}"#);
+        let back: Owner = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.comm, c);
     }
 }

@@ -115,7 +115,7 @@ impl ConnView {
             remote: c.key.remote.to_string(),
             direction: c.direction,
             origin: c.origin,
-            owner: c.owner.clone(),
+            owner: c.owner,
             age_seconds: age_seconds(c, now_ns),
             identity,
             counters: c.counters,
