@@ -26,6 +26,12 @@ pub fn open_of(
         return None;
     }
     let id = conn_id(conn)?;
+    // Most connections reach no service: say so before attributing (which copies names).
+    let remote = conn.key.remote;
+    if inv.service_by_cluster_addr(remote).is_none() && inv.services_by_endpoint(remote).is_empty()
+    {
+        return None;
+    }
     let at_ = identity.attribute(inv, conn);
     let LocalEnd::Pod(client) = &at_.local else {
         return None;

@@ -7,11 +7,12 @@
 //!   (with the service it serves on that port, preferring a headless one: that is how clients
 //!   reach pods directly), `node` (a hostNetwork or node address), `loopback`, or `external`.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
 use super::model::{Inventory, ObjectRef, Pod, ServiceHit, Workload};
+use crate::keyed::Map;
 
 /// A service and the port a connection used.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -120,12 +121,17 @@ impl Attribution {
 /// IP. Lets loopback sockets inside a pod be attributed to it.
 #[derive(Default, Debug)]
 pub struct NetnsPods {
-    map: HashMap<u32, ObjectRef>,
+    map: Map<u32, ObjectRef>,
 }
 
 impl NetnsPods {
     pub fn learn(&mut self, netns: u32, pod: &Pod) {
-        if netns != 0 {
+        // Every open of a pod's socket comes here: no allocation when nothing changes.
+        let known = self
+            .map
+            .get(&netns)
+            .is_some_and(|p| p.name == pod.name && p.namespace == pod.namespace);
+        if netns != 0 && !known {
             self.map.insert(netns, pod.id());
         }
     }

@@ -3,13 +3,15 @@
 //! [`Inventory`] is an immutable snapshot that is swapped whole when the source changes.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     fmt,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
+
+use crate::keyed::{Map, Set};
 
 /// Namespace and name of an object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -173,12 +175,13 @@ impl ServiceHit {
 pub struct Inventory {
     pods: Vec<Arc<Pod>>,
     services: Vec<Arc<Service>>,
-    pod_by_ip: HashMap<IpAddr, Arc<Pod>>,
-    pod_by_ref: HashMap<ObjectRef, Arc<Pod>>,
+    pod_by_ip: Map<IpAddr, Arc<Pod>>,
+    /// By namespace, then name: found from two `&str` without making an [`ObjectRef`].
+    pod_by_ref: Map<String, Map<String, Arc<Pod>>>,
     /// IPs of hostNetwork pods (node addresses): never attributed to one pod.
-    host_ips: HashSet<IpAddr>,
-    by_cluster_addr: HashMap<SocketAddr, ServiceHit>,
-    by_endpoint_addr: HashMap<SocketAddr, Vec<ServiceHit>>,
+    host_ips: Set<IpAddr>,
+    by_cluster_addr: Map<SocketAddr, ServiceHit>,
+    by_endpoint_addr: Map<SocketAddr, Vec<ServiceHit>>,
 }
 
 impl Inventory {
@@ -191,7 +194,10 @@ impl Inventory {
             ..Default::default()
         };
         for pod in &pods {
-            inv.pod_by_ref.insert(pod.id(), pod.clone());
+            inv.pod_by_ref
+                .entry(pod.namespace.clone())
+                .or_default()
+                .insert(pod.name.clone(), pod.clone());
             for ip in &pod.ips {
                 if pod.host_network {
                     inv.host_ips.insert(*ip);
@@ -244,7 +250,7 @@ impl Inventory {
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<Pod>> {
-        self.pod_by_ref.get(&ObjectRef::new(namespace, name))
+        self.pod_by_ref.get(namespace)?.get(name)
     }
 
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
