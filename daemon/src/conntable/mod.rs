@@ -486,7 +486,6 @@ mod tests {
 
     #[test]
     fn keys_hash_by_all_their_fields() {
-        use std::hash::BuildHasher as _;
         let s = ahash::RandomState::new();
         let k = |netns, l: &str, r: &str| ConnKey {
             netns,
