@@ -29,11 +29,13 @@ impl EventTap {
             .subscribe()
     }
 
-    /// Hands `ev` to the subscribers, if there are any.
-    pub fn send(&self, ev: Event) {
+    /// Hands `events` to the subscribers, if there are any, leaving the vector empty.
+    pub fn send_all(&self, events: &mut Vec<Event>) {
         if let Some(tx) = self.0.get() {
-            // No receiver left is not an error: events are offered, not owed.
-            let _ = tx.send(ev);
+            for ev in events.drain(..) {
+                // No receiver left is not an error: events are offered, not owed.
+                let _ = tx.send(ev);
+            }
         }
     }
 }
@@ -197,7 +199,15 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     if bytes.len() != Record::SIZE {
         return Err(DecodeError::Size(bytes.len()));
     }
-    let rec: Record = bytemuck::pod_read_unaligned(bytes);
+    // Ring records are 8-byte aligned: read in place, copying only if one ever is not.
+    let copy: Record;
+    let rec: &Record = match bytemuck::try_from_bytes(bytes) {
+        Ok(r) => r,
+        Err(_) => {
+            copy = bytemuck::pod_read_unaligned(bytes);
+            &copy
+        }
+    };
     let kind = RecordKind::from_u8(rec.kind).ok_or(DecodeError::Kind(rec.kind))?;
     let (local, remote) = match (kind, rec.ip_version) {
         (RecordKind::Accepted, _) => {

@@ -285,7 +285,7 @@ impl Pipeline {
     }
 
     /// Applies one batch of records to the table, the analyzer and the metrics.
-    pub fn apply(&mut self, batch: Batch) {
+    pub fn apply(&mut self, mut batch: Batch) {
         for e in &batch.errors {
             tracing::warn!(error = %e, "undecodable record");
             self.metrics.lost_user(e.reason());
@@ -312,9 +312,8 @@ impl Pipeline {
             self.metrics.observe(ev.kind, &change);
         }
         self.metrics.active.set(self.table.len() as i64);
-        for ev in batch.events {
-            self.events.send(ev);
-        }
+        self.events.send_all(&mut batch.events);
+        batch.recycle();
     }
 
     /// A refused connect of a local pod: counted when it is the port gotcha (a service's pod
