@@ -90,7 +90,10 @@ impl Record {
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RecordKind {
-    /// Active open started: `connect()` moved the socket from CLOSE to SYN_SENT.
+    /// Active open started: `connect()` moved the socket from CLOSE to SYN_SENT. Emitted only
+    /// when the socket's state could not be kept (`sock_map_full`): otherwise the connecting
+    /// task travels in that state to the [`RecordKind::Established`] or
+    /// [`RecordKind::ConnectFailed`] record.
     Connect = 1,
     /// Active open completed: SYN_SENT to ESTABLISHED.
     Established = 2,

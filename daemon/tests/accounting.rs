@@ -227,7 +227,10 @@ async fn every_record_the_kernel_emits_is_read_or_counted_lost() {
         let mut lagged = 0u64;
         loop {
             match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-                Ok(Ok(ev)) if netns.contains(&ev.netns) && ev.kind != RecordKind::Accepted => {
+                Ok(Ok(ev))
+                    if netns.contains(&ev.netns)
+                        && !matches!(ev.kind, RecordKind::Accepted | RecordKind::Connect) =>
+                {
                     kinds.push(ev.kind)
                 }
                 Ok(Ok(_)) => {}
@@ -256,6 +259,13 @@ async fn every_record_the_kernel_emits_is_read_or_counted_lost() {
         5 * 3 * per_client,
         "the kernel's own count: five lifecycle transitions per connection"
     );
+    // A connect makes a record only when the socket's state cannot be kept (then counted as
+    // sock_map_full); otherwise its owner rides on the established record. The comparison is of
+    // the other four, which always make one.
+    let emitted: Vec<RecordKind> = emitted
+        .into_iter()
+        .filter(|k| *k != RecordKind::Connect)
+        .collect();
     let count = |v: &[RecordKind], k: RecordKind| v.iter().filter(|x| **x == k).count();
     eprintln!(
         "emitted {} read {} counted lost (node-wide) {lost}",
@@ -269,7 +279,6 @@ async fn every_record_the_kernel_emits_is_read_or_counted_lost() {
         "every record that was not read is counted: {missing} missing, {lost} counted lost \
          (per kind emitted/read: {:?})",
         [
-            RecordKind::Connect,
             RecordKind::Established,
             RecordKind::PassiveOpen,
             RecordKind::Close

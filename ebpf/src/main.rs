@@ -127,14 +127,17 @@ fn count_lost(reason: LostReason) {
 
 /// Inserts per-socket state; a full map is counted and logged.
 #[inline(always)]
-fn remember<C: EbpfContext>(ctx: &C, sk: u64, st: &SockState) {
+/// Keeps `st` as socket `sk`'s state; false (counted) when the map is full.
+fn remember<C: EbpfContext>(ctx: &C, sk: u64, st: &SockState) -> bool {
     if SOCKS.insert(sk, st, 0).is_err() {
         count_lost(LostReason::SockMapFull);
         warn!(
             ctx,
             "fanout: socket state map full; owner and duration will be missing"
         );
+        return false;
     }
+    true
 }
 
 #[inline(always)]
@@ -345,9 +348,14 @@ fn lifecycle<C: EbpfContext>(
     stamp(&mut rec, cfg, kind, sk);
     match kind {
         RecordKind::Connect => {
-            // Process context: the connecting task owns the socket.
+            // Process context: the connecting task owns the socket. The owner travels in the
+            // socket's state to the established or failed record; a connect record of its own
+            // is emitted only when that state could not be kept, so that the owner still
+            // reaches user space (one record fewer per connection otherwise).
             current_owner(&mut rec);
-            remember(ctx, sk, &SockState::owned_by(&rec));
+            if remember(ctx, sk, &SockState::owned_by(&rec)) {
+                return Ok(());
+            }
         }
         RecordKind::Established => {
             match SOCKS.get_ptr_mut(sk) {
@@ -358,13 +366,13 @@ fn lifecycle<C: EbpfContext>(
                     owner_from_state(&mut rec, st);
                 }
                 None => {
-                    remember(ctx, sk, &SockState::started(rec.ts_ns));
+                    let _ = remember(ctx, sk, &SockState::started(rec.ts_ns));
                 }
             }
         }
         RecordKind::PassiveOpen => {
             // Usually softirq context: the current task is not the owner. accept() tells.
-            remember(ctx, sk, &SockState::passive(rec.ts_ns));
+            let _ = remember(ctx, sk, &SockState::passive(rec.ts_ns));
         }
         RecordKind::ConnectFailed | RecordKind::Close => {
             // Only the client end of an established connection has an HTTP/2 figure.

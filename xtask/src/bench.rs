@@ -1700,10 +1700,11 @@ fn render(opts: &Options, r: &Results, scrape_table: &[&str], doc: &str) -> Resu
     writeln!(
         md,
         "Method: one daemon as shipped (pinned to CPU {daemon_cpu}), `loadgen` threads pinned \
-         as listed, 3 s per step, increasing load. `connect/close` is the loop above (six \
-         records a connection: connect, established, passive open, accepted, two closes); \
-         `refused connect` is a connect to a port nobody listens on (connect and failed \
-         records, a SYN and a RST: the cheapest way to make records). Records per second are Δ \
+         as listed, 3 s per step, increasing load. `connect/close` is the loop above (five \
+         records a connection: established, passive open, accepted, two closes; the \
+         connecting task rides on the established record); `refused connect` is a connect to a \
+         port nobody listens on (one failed record, a SYN and a RST: the cheapest way to make \
+         records). Records per second are Δ \
          `fanout_records_total` (after a 0.7 s drain) over the step; lost is Δ \
          `fanout_events_lost_total`. A thread on CPU {daemon_cpu} shares it with the daemon (and \
          the server)."

@@ -260,8 +260,7 @@ impl Trace {
                 };
                 matches!(
                     (o, n),
-                    ("TCP_CLOSE", "TCP_SYN_SENT")
-                        | ("TCP_SYN_SENT", "TCP_ESTABLISHED")
+                    ("TCP_SYN_SENT", "TCP_ESTABLISHED")
                         | ("TCP_SYN_RECV", "TCP_ESTABLISHED")
                         | ("TCP_SYN_SENT", "TCP_CLOSE")
                         | (
@@ -288,10 +287,12 @@ impl Drop for Trace {
     }
 }
 
-/// Records read (accepts excluded: they come from another tracepoint) and records dropped.
+/// Records read (accepts excluded: they come from another tracepoint; connects too: the kernel
+/// makes one only when it cannot keep the socket's state) and records dropped.
 fn read_and_dropped(metrics: &str) -> (u64, u64) {
     let read = metric(metrics, "fanout_records_total", None)
-        - metric(metrics, "fanout_records_total", Some("kind=\"accepted\""));
+        - metric(metrics, "fanout_records_total", Some("kind=\"accepted\""))
+        - metric(metrics, "fanout_records_total", Some("kind=\"connect\""));
     let dropped = ["ring_full", "kernel_skipped", "decode"]
         .iter()
         .map(|r| {

@@ -129,8 +129,10 @@ pub struct Conn {
     pub requests: Option<Requests>,
 }
 
-/// A connect() still waiting for its handshake. The local port is often not chosen yet at
-/// connect time, so pending connects are keyed by socket.
+/// A connect() still waiting for its handshake. The kernel reports one only when it could not
+/// keep the socket's state (`sock_map_full`), so that the owner is not lost; otherwise the owner
+/// arrives with the established or failed record and nothing is pending. The local port is often
+/// not chosen yet at connect time, so pending connects are keyed by socket.
 #[derive(Clone, Debug)]
 struct Pending {
     netns: u32,
