@@ -22,7 +22,8 @@ pub enum Feature {
     H2Requests,
     /// Bytes and messages per connection, from `sock/sock_{send,recv}_length`.
     ByteCounters,
-    /// The owning process of accepted sockets, from `syscalls/sys_exit_accept{,4}`.
+    /// The owning process of accepted sockets: the task of a server end's first read or write
+    /// (the length hooks), or where those are missing `syscalls/sys_exit_accept{,4}`.
     AcceptOwner,
     /// Startup recovery reached the network namespace of every process.
     RecoveryNetns,

@@ -6,9 +6,8 @@
 //! `bpf-prog` and `bpf_link` fd): that is strictly this pid's, so other daemons loading the same
 //! programs at the same time never count. bpftool (Debian's has no `pids` in its JSON) then says
 //! what the kernel knows about those ids. On this kind of kernel it reports:
-//! - each tracepoint program as `"type": "tracepoint"` with a `"type": "perf_event"` link (the
-//!   daemon's fdinfo of that link: `link_type: perf`, `event_type: tracepoint`, `tp_name`), and
-//!   nothing under `bpftool perf show` (the perf event lives inside the link);
+//! - each raw tracepoint program with a `"type": "raw_tracepoint"` link (the daemon's fdinfo of
+//!   that link: `link_type: raw_tracepoint`, `tp_name`);
 //! - `h2_egress` as `"type": "cgroup_skb"` with a `"type": "cgroup"` link (`cgroup_id` of the
 //!   cgroup2 root, `attach_type: cgroup_inet_egress`), also listed by `bpftool cgroup show <root>`
 //!   (which prints nothing at all, not `[]`, when nothing is attached).
@@ -37,8 +36,6 @@ use xtask::{http, lab};
 /// How a program of the daemon is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Hook {
-    /// A tracepoint, by its event name: a perf_event link.
-    Tracepoint(&'static str),
     /// A raw tracepoint, by its name: a raw_tracepoint link.
     RawTracepoint(&'static str),
     /// cgroup_skb egress on the host's cgroup v2 root: a cgroup link.
@@ -46,13 +43,12 @@ enum Hook {
 }
 
 /// Every program the daemon loads and attaches on this kernel, by program name.
-const EXPECTED: [(&str, Hook); 6] = [
+/// (The accept syscalls' tracepoints are attached only where the length hooks are missing.)
+const EXPECTED: [(&str, Hook); 4] = [
     (
         "inet_sock_set_state_raw",
         Hook::RawTracepoint("inet_sock_set_state"),
     ),
-    ("sys_exit_accept4", Hook::Tracepoint("sys_exit_accept4")),
-    ("sys_exit_accept", Hook::Tracepoint("sys_exit_accept")),
     (
         "sock_send_length_raw",
         Hook::RawTracepoint("sock_send_length"),
@@ -68,8 +64,8 @@ const EXPECTED: [(&str, Hook); 6] = [
 const RELEASE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Whether the kernel's name of a program is `want`. The kernel keeps at most 15 characters
-/// (bpftool prints the full name when BTF has it), so `sys_exit_accept` may also be
-/// `sys_exit_accept4` cut short: [`record_attached`] tells those apart by their tracepoint.
+/// (bpftool prints the full name when BTF has it): [`record_attached`] also checks each one's
+/// hook.
 fn name_is(kernel: &str, want: &str) -> bool {
     kernel == want || (kernel.len() == 15 && want.starts_with(kernel))
 }
@@ -114,9 +110,8 @@ fn cgroup_root() -> CgroupRoot {
 #[derive(Clone, Debug, Default)]
 struct FdLink {
     prog_id: u32,
-    /// `perf` or `cgroup`.
+    /// `raw_tracepoint` or `cgroup`.
     link_type: String,
-    event_type: Option<String>,
     tp_name: Option<String>,
     cgroup_id: Option<u64>,
 }
@@ -163,7 +158,6 @@ fn held_by(pid: u32) -> Held {
                 FdLink {
                     prog_id: num("prog_id").unwrap_or(0) as u32,
                     link_type: kv.get("link_type").unwrap_or(&"").to_string(),
-                    event_type: kv.get("event_type").map(|s| s.to_string()),
                     tp_name: kv.get("tp_name").map(|s| s.to_string()),
                     cgroup_id: num("cgroup_id"),
                 },
@@ -315,9 +309,7 @@ fn record_attached(pid: u32, root: &CgroupRoot) -> Attached {
                 held.links.values().any(|l| {
                     l.prog_id == *id
                         && match hook {
-                            Hook::Tracepoint(tp) | Hook::RawTracepoint(tp) => {
-                                l.tp_name.as_deref() == Some(tp)
-                            }
+                            Hook::RawTracepoint(tp) => l.tp_name.as_deref() == Some(tp),
                             Hook::CgroupEgress => l.link_type == "cgroup",
                         }
                 })
@@ -330,7 +322,6 @@ fn record_attached(pid: u32, root: &CgroupRoot) -> Attached {
         };
         let ty = kprogs[&id]["type"].as_str().unwrap_or("");
         let want_ty = match hook {
-            Hook::Tracepoint(_) => "tracepoint",
             Hook::RawTracepoint(_) => "raw_tracepoint",
             Hook::CgroupEgress => "cgroup_skb",
         };
@@ -349,16 +340,6 @@ fn record_attached(pid: u32, root: &CgroupRoot) -> Attached {
             "link {link_id}: {k}"
         );
         match hook {
-            Hook::Tracepoint(tp) => {
-                assert_eq!(k["type"], "perf_event", "link {link_id} of {name}: {k}");
-                assert_eq!(fd.link_type, "perf", "link {link_id} of {name}: {fd:?}");
-                assert_eq!(
-                    fd.event_type.as_deref(),
-                    Some("tracepoint"),
-                    "{name}: {fd:?}"
-                );
-                assert_eq!(fd.tp_name.as_deref(), Some(tp), "{name}: {fd:?}");
-            }
             Hook::RawTracepoint(tp) => {
                 assert_eq!(k["type"], "raw_tracepoint", "link {link_id} of {name}: {k}");
                 assert_eq!(
@@ -387,7 +368,7 @@ fn record_attached(pid: u32, root: &CgroupRoot) -> Attached {
         att.links.insert(link_id, id);
         att.link_of.insert(name, link_id);
     }
-    // Six distinct programs and their six links: everything the daemon holds.
+    // Four distinct programs and their four links: everything the daemon holds.
     if att.progs.len() != EXPECTED.len() || att.links.len() != EXPECTED.len() {
         fail(format!("two expected programs resolved to one: {att:?}"));
     }
@@ -703,7 +684,7 @@ fn binary_leaves_nothing_attached_after_sigkill_mid_burst() {
 }
 
 /// The teardown check fails when something outlives the daemon: a reference taken on a
-/// tracepoint link and on the cgroup link keeps them (and their programs) in the kernel after
+/// raw tracepoint link and on the cgroup link keeps them (and their programs) in the kernel after
 /// SIGKILL, and the check names exactly those ids; once released, it passes.
 #[test]
 fn teardown_check_names_what_outlives_the_daemon() {
@@ -711,7 +692,7 @@ fn teardown_check_names_what_outlives_the_daemon() {
     let root = cgroup_root();
     let (mut daemon, _) = start_daemon();
     let att = record_attached(daemon.0.id(), &root);
-    let tp_link = att.link_of["sys_exit_accept4"];
+    let tp_link = att.link_of["inet_sock_set_state_raw"];
     let cg_link = att.link_of["h2_egress"];
     let leaked = [grab_link(tp_link), grab_link(cg_link)];
     let status = kill_and_reap(&mut daemon, libc::SIGKILL);
@@ -719,9 +700,9 @@ fn teardown_check_names_what_outlives_the_daemon() {
     let report = leaks(&att, &root, Duration::from_secs(2)).expect("the held links are reported");
     let tp_prog = att.links[&tp_link];
     for must in [
-        format!("{tp_link} (perf_event link of program {tp_prog})"),
+        format!("{tp_link} (raw_tracepoint link of program {tp_prog})"),
         format!("{cg_link} (cgroup link of program {})", att.h2),
-        format!("{tp_prog} (sys_exit_accept4)"),
+        format!("{tp_prog} (inet_sock_set_state_raw)"),
         format!("{} (h2_egress)", att.h2),
         "STILL ATTACHED".to_string(),
     ] {

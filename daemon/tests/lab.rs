@@ -96,6 +96,9 @@ enum Hooks {
     Raw,
     /// Classic (`--classic-tracepoints`, and the fallback where raw ones fail).
     Classic,
+    /// Raw, with owners named at accept() (`--accept-tracepoints`; the path of kernels without
+    /// the length tracepoints).
+    RawAccept,
 }
 
 /// K connections from pod0 to pod1: exactly K of each lifecycle step on each side, with the
@@ -107,6 +110,7 @@ async fn k_connections(v6: bool, k: usize, hooks: Hooks) {
     let agent = start_agent_with(|o| {
         o.probe.classic_tracepoints = hooks == Hooks::Classic;
         o.probe.btf_tracepoints = hooks == Hooks::Btf;
+        o.probe.accept_tracepoints = hooks == Hooks::RawAccept;
     })
     .await;
     let info = agent.shared().metrics.encode().expect("metrics encode");
@@ -117,6 +121,7 @@ async fn k_connections(v6: bool, k: usize, hooks: Hooks) {
             "tracepoint:sock/inet_sock",
         ),
         Hooks::Btf => ("tp_btf:inet_sock_set_state", "tracepoint:"),
+        Hooks::RawAccept => ("tracepoint:syscalls/sys_exit_accept", "first read or write"),
     };
     let build = info
         .lines()
@@ -237,6 +242,11 @@ async fn k_ipv6_connections_are_reported_exactly() {
 async fn k_connections_through_the_btf_tracepoints_are_reported_exactly() {
     k_connections(false, 100, Hooks::Btf).await;
     k_connections(true, 30, Hooks::Btf).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_connections_with_owners_from_the_accept_tracepoints_are_reported_exactly() {
+    k_connections(false, 100, Hooks::RawAccept).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

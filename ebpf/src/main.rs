@@ -5,11 +5,11 @@
 //!   time and counters: for client ends in `SOCKS`, keyed by socket address, where the daemon's
 //!   sampler reads them live; for server ends, in the BTF-typed form, in `SERVER_ENDS`, kept with
 //!   the socket (socket-local storage, which only BTF-typed programs reach).
-//! * `syscalls/sys_exit_accept{,4}` (with the raw and classic forms) runs in the accepting task's
-//!   context, finds the returned socket through the task's file table and records the owner of a
-//!   passively opened socket. The BTF-typed length hooks take the owner at the socket's first
-//!   read or write instead.
-//! * `sock/sock_{send,recv}_length` count payload bytes and calls.
+//! * `sock/sock_{send,recv}_length` count payload bytes and calls, and name a passively opened
+//!   socket's owner: the task of its first read or write (an `Accepted` record).
+//! * `syscalls/sys_exit_accept{,4}`, only where the length hooks are missing, runs in the
+//!   accepting task's context, finds the returned socket through the task's file table and
+//!   records the owner of a passively opened socket.
 //! * `h2_egress` (cgroup_skb) counts HTTP/2 requests in the egress of client sockets, its state
 //!   kept with the socket (`SLOTS`), its figure mirrored into `SOCKS`.
 //!
@@ -660,14 +660,24 @@ fn msg_length_btf(ctx: &BtfTracePointContext, sent: bool) {
     }
 }
 
-/// Adds one call of `ret` bytes to a tracked socket's counters.
+/// Adds one call of `ret` bytes to a tracked socket's counters. The raw and classic length
+/// hooks run in the context of the task that reads or writes, so a server end's first call that
+/// moves data also names its owner (an `Accepted` record): the lookup is the one the counters
+/// make anyway, in place of the accept syscall's file-table walk, which the daemon attaches only
+/// where the length hooks are missing.
 #[inline(always)]
 fn count_msg(sk: u64, sent: bool, ret: i32) {
     let Some(st) = SOCKS.get_ptr_mut(sk) else {
         return;
     };
     // SAFETY: map value pointer from a successful lookup.
-    add_msg(unsafe { &mut *st }, sent, ret);
+    let st = unsafe { &mut *st };
+    if st.flags & (SockState::FLAG_PASSIVE | Record::FLAG_OWNER_KNOWN as u32)
+        == SockState::FLAG_PASSIVE
+    {
+        claim_owner(&config(), sk, st);
+    }
+    add_msg(st, sent, ret);
 }
 
 /// Adds one call of `ret` bytes to a socket state's counters.

@@ -95,6 +95,11 @@ pub struct ProbeOptions {
     /// instead of a map entry and the accept syscall's file-table walk. Off by default: on the
     /// machine measured they cost more per connection than the raw ones (BENCHMARKS.md).
     pub btf_tracepoints: bool,
+    /// Name accepted sockets' owners at accept(), from the accept syscalls' tracepoints, even
+    /// where the length hooks name them (at a server end's first read or write): for servers
+    /// that accept in one process and serve in another; also the path of kernels without the
+    /// length tracepoints (before 6.2). Raw and classic forms only.
+    pub accept_tracepoints: bool,
 }
 
 impl Default for ProbeOptions {
@@ -111,6 +116,7 @@ impl Default for ProbeOptions {
             proc_root: PathBuf::from("/proc"),
             classic_tracepoints: false,
             btf_tracepoints: false,
+            accept_tracepoints: false,
         }
     }
 }
@@ -446,7 +452,7 @@ impl Probe {
 }
 
 /// Programs whose runs emit lifecycle records: a run the kernel skipped may be a lost record.
-pub const RECORD_PROGRAMS: [&str; 7] = [
+pub const RECORD_PROGRAMS: [&str; 11] = [
     "inet_sock_set_state_btf",
     "inet_sock_set_state_raw",
     "inet_sock_set_state",
@@ -455,6 +461,10 @@ pub const RECORD_PROGRAMS: [&str; 7] = [
     // They emit the owner of a server end at its first read or write.
     "sock_send_length_btf",
     "sock_recv_length_btf",
+    "sock_send_length_raw",
+    "sock_recv_length_raw",
+    "sock_send_length",
+    "sock_recv_length",
 ];
 
 /// A `name:\tvalue` field of a BPF object's fdinfo text.
@@ -511,29 +521,6 @@ fn attach_tracepoints(
     )?;
     let kernel_fix = "a kernel with these tracepoints (Linux 4.16 or later with \
                       CONFIG_FTRACE_SYSCALLS for the syscall ones)";
-    let accept = match plan.accept_owner {
-        None => Outcome::Off {
-            reason: "syscalls/sys_exit_accept{,4} tracepoints missing from this kernel".into(),
-            fix: kernel_fix.into(),
-        },
-        Some(hook) => [
-            ("sys_exit_accept4", "sys_exit_accept4"),
-            ("sys_exit_accept", "sys_exit_accept"),
-        ]
-        .into_iter()
-        .try_for_each(|(name, tp)| attach(ebpf, name, "syscalls", tp))
-        .map_or_else(
-            |e| {
-                plan.accept_owner = None;
-                Outcome::Off {
-                    reason: e.to_string(),
-                    fix: "see the error; CAP_PERFMON attaches tracepoints".into(),
-                }
-            },
-            |()| Outcome::On(hook.into()),
-        ),
-    };
-    outcomes.push((Feature::AcceptOwner, accept));
     let counters = match plan.counters {
         None => Outcome::Off {
             reason: "sock/sock_{send,recv}_length tracepoints missing from this kernel".into(),
@@ -549,8 +536,8 @@ fn attach_tracepoints(
                 attach_either(
                     ebpf,
                     !opts.classic_tracepoints,
-                    (raw, "raw_tracepoint:sock_{send,recv}_length"),
-                    (classic, "sock", "tracepoint:sock/sock_{send,recv}_length"),
+                    (raw, RAW_COUNTERS),
+                    (classic, "sock", CLASSIC_COUNTERS),
                 )
             });
             match attached {
@@ -569,9 +556,50 @@ fn attach_tracepoints(
         }
     };
     outcomes.push((Feature::ByteCounters, counters));
+    // The length hooks name a server end's owner at its first read or write (see the eBPF
+    // crate's `count_msg`); the accept syscall's file-table walk, a microsecond per accept, is
+    // attached only where they are missing.
+    let accept = match (plan.counters, plan.accept_owner) {
+        (Some(counters), _) if !opts.accept_tracepoints => {
+            let hook = if counters == RAW_COUNTERS {
+                RAW_OWNER
+            } else {
+                CLASSIC_OWNER
+            };
+            plan.accept_owner = Some(hook);
+            Outcome::On(hook.into())
+        }
+        (_, None) => Outcome::Off {
+            reason: "syscalls/sys_exit_accept{,4} tracepoints missing from this kernel".into(),
+            fix: kernel_fix.into(),
+        },
+        (_, Some(hook)) => [
+            ("sys_exit_accept4", "sys_exit_accept4"),
+            ("sys_exit_accept", "sys_exit_accept"),
+        ]
+        .into_iter()
+        .try_for_each(|(name, tp)| attach(ebpf, name, "syscalls", tp))
+        .map_or_else(
+            |e| {
+                plan.accept_owner = None;
+                Outcome::Off {
+                    reason: e.to_string(),
+                    fix: "see the error; CAP_PERFMON attaches tracepoints".into(),
+                }
+            },
+            |()| Outcome::On(hook.into()),
+        ),
+    };
+    outcomes.push((Feature::AcceptOwner, accept));
     Ok(())
 }
 
+const RAW_COUNTERS: &str = "raw_tracepoint:sock_{send,recv}_length";
+const CLASSIC_COUNTERS: &str = "tracepoint:sock/sock_{send,recv}_length";
+const RAW_OWNER: &str =
+    "raw_tracepoint:sock_{send,recv}_length (a server end's owner at its first read or write)";
+const CLASSIC_OWNER: &str =
+    "tracepoint:sock/sock_{send,recv}_length (a server end's owner at its first read or write)";
 const BTF_LIFECYCLE: &str = "tp_btf:inet_sock_set_state";
 const BTF_OWNER: &str =
     "tp_btf:sock_{send,recv}_length (a server end's owner at its first read or write)";
