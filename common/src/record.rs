@@ -122,7 +122,7 @@ impl RecordKind {
 }
 
 /// What the kernel side remembers about a socket between lifecycle steps (map value keyed by the
-/// socket address: the socket's identity while it lives, which NAT never rewrites). 80 bytes.
+/// socket address: the socket's identity while it lives, which NAT never rewrites). 88 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -140,6 +140,11 @@ pub struct SockState {
     /// own state with the socket (socket-local storage) and mirrors its figure here whenever the
     /// figure changes, so that the close record and the sampler read one entry.
     pub h2: u32,
+    /// The socket's network namespace (inode), read once when the state is made, so that later
+    /// records of the socket do not read it again (0: not read; a socket never changes
+    /// namespace).
+    pub netns: u32,
+    pub _reserved: u32,
     /// Payload bytes and send/receive calls (`sock_sendmsg`/`sock_recvmsg`) since the socket was
     /// first seen, counted in the kernel (atomically: several CPUs may send on one socket).
     pub bytes_sent: u64,
@@ -172,6 +177,8 @@ impl SockState {
             comm: [0; 16],
             flags: 0,
             h2: 0,
+            netns: 0,
+            _reserved: 0,
             bytes_sent: 0,
             bytes_recv: 0,
             msgs_sent: 0,
@@ -189,6 +196,8 @@ impl SockState {
             comm: rec.comm,
             flags: (rec.flags & Record::FLAG_OWNER_KNOWN) as u32,
             h2: 0,
+            netns: 0,
+            _reserved: 0,
             bytes_sent: 0,
             bytes_recv: 0,
             msgs_sent: 0,
@@ -241,7 +250,7 @@ mod tests {
     fn record_layout_has_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<Record>(), 136);
         assert_eq!(core::mem::align_of::<Record>(), 8);
-        assert_eq!(core::mem::size_of::<SockState>(), 80);
+        assert_eq!(core::mem::size_of::<SockState>(), 88);
     }
 
     #[test]

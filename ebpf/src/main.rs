@@ -336,7 +336,8 @@ fn addresses(
 
 /// What both forms of the lifecycle hook do with a transition they report: `rec` carries the
 /// addresses and ports; this adds time, socket, namespace, owner and counters, keeps `SOCKS` in
-/// step, and emits.
+/// step, and emits. The namespace is read from the socket once, when its state is made, and
+/// taken from that state afterwards.
 #[inline(always)]
 fn lifecycle<C: EbpfContext>(
     ctx: &C,
@@ -345,7 +346,6 @@ fn lifecycle<C: EbpfContext>(
     sk: u64,
     mut rec: Record,
 ) -> Result<(), i32> {
-    stamp(&mut rec, cfg, kind, sk);
     match kind {
         RecordKind::Connect => {
             // Process context: the connecting task owns the socket. The owner travels in the
@@ -353,49 +353,80 @@ fn lifecycle<C: EbpfContext>(
             // is emitted only when that state could not be kept, so that the owner still
             // reaches user space (one record fewer per connection otherwise).
             current_owner(&mut rec);
-            if remember(ctx, sk, &SockState::owned_by(&rec)) {
+            let mut st = SockState::owned_by(&rec);
+            st.netns = netns_of(sk, cfg);
+            if remember(ctx, sk, &st) {
                 return Ok(());
             }
+            stamp_as(&mut rec, kind, sk, st.netns);
         }
-        RecordKind::Established => {
-            match SOCKS.get_ptr_mut(sk) {
-                Some(st) => {
-                    // SAFETY: map value pointer from a successful lookup.
-                    let st = unsafe { &mut *st };
-                    st.start_ns = rec.ts_ns;
-                    owner_from_state(&mut rec, st);
-                }
-                None => {
-                    let _ = remember(ctx, sk, &SockState::started(rec.ts_ns));
-                }
+        RecordKind::Established => match SOCKS.get_ptr_mut(sk) {
+            Some(st) => {
+                // SAFETY: map value pointer from a successful lookup.
+                let st = unsafe { &mut *st };
+                stamp_as(&mut rec, kind, sk, netns_in(st, sk, cfg));
+                st.start_ns = rec.ts_ns;
+                owner_from_state(&mut rec, st);
             }
-        }
+            None => {
+                stamp(&mut rec, cfg, kind, sk);
+                let mut st = SockState::started(rec.ts_ns);
+                st.netns = rec.netns;
+                let _ = remember(ctx, sk, &st);
+            }
+        },
         RecordKind::PassiveOpen => {
-            // Usually softirq context: the current task is not the owner. accept() tells.
-            let _ = remember(ctx, sk, &SockState::passive(rec.ts_ns));
+            // Usually softirq context: the current task is not the owner; its first read or
+            // write tells (or accept(), where the length hooks are missing).
+            stamp(&mut rec, cfg, kind, sk);
+            let mut st = SockState::passive(rec.ts_ns);
+            st.netns = rec.netns;
+            let _ = remember(ctx, sk, &st);
         }
         RecordKind::ConnectFailed | RecordKind::Close => {
             // Only the client end of an established connection has an HTTP/2 figure.
             let dialled = kind == RecordKind::Close;
-            if let Some(st) = SOCKS.get_ptr(sk) {
-                // SAFETY: map value pointer from a successful lookup; copied before removal.
-                closing(&mut rec, unsafe { &*st }, dialled);
-                let _ = SOCKS.remove(sk);
+            match SOCKS.get_ptr(sk) {
+                Some(st) => {
+                    // SAFETY: map value pointer from a successful lookup; copied before removal.
+                    let st = unsafe { &*st };
+                    stamp_as(&mut rec, kind, sk, netns_in(st, sk, cfg));
+                    closing(&mut rec, st, dialled);
+                    let _ = SOCKS.remove(sk);
+                }
+                None => stamp(&mut rec, cfg, kind, sk),
             }
         }
-        RecordKind::Accepted => {}
+        RecordKind::Accepted => stamp(&mut rec, cfg, kind, sk),
     }
     emit(&rec, cfg.wakeup_bytes);
     Ok(())
 }
 
-/// Time, socket, kind and namespace of a record about to be emitted for socket `sk`.
+/// The namespace a socket's state remembers, or read from the socket where it does not.
 #[inline(always)]
-fn stamp(rec: &mut Record, cfg: &Config, kind: RecordKind, sk: u64) {
+fn netns_in(st: &SockState, sk: u64, cfg: &Config) -> u32 {
+    if st.netns != 0 {
+        st.netns
+    } else {
+        netns_of(sk, cfg)
+    }
+}
+
+/// Time, socket, kind and the namespace `netns` of a record about to be emitted for socket `sk`.
+#[inline(always)]
+fn stamp_as(rec: &mut Record, kind: RecordKind, sk: u64, netns: u32) {
     rec.ts_ns = unsafe { bpf_ktime_get_ns() };
     rec.sock = sk;
     rec.kind = kind as u8;
-    rec.netns = netns_of(sk, cfg);
+    rec.netns = netns;
+}
+
+/// Time, socket, kind and namespace (read from the socket) of a record about to be emitted for
+/// socket `sk`.
+#[inline(always)]
+fn stamp(rec: &mut Record, cfg: &Config, kind: RecordKind, sk: u64) {
+    stamp_as(rec, kind, sk, netns_of(sk, cfg));
 }
 
 /// Fills a close record from the socket's state: owner, duration, final counters, and for the
@@ -446,7 +477,10 @@ fn try_set_state_btf(ctx: &BtfTracePointContext) -> Result<(), i32> {
             // Usually softirq context: the current task is not the owner; its first read or
             // write tells.
             match stored::<SockState>(core::ptr::addr_of!(SERVER_ENDS).cast(), sk, true) {
-                Some(st) => *st = SockState::passive(rec.ts_ns),
+                Some(st) => {
+                    *st = SockState::passive(rec.ts_ns);
+                    st.netns = rec.netns;
+                }
                 None => {
                     count_lost(LostReason::SockMapFull);
                     warn!(
@@ -461,7 +495,7 @@ fn try_set_state_btf(ctx: &BtfTracePointContext) -> Result<(), i32> {
         }
         RecordKind::Close => match server_end(sk) {
             Some(st) => {
-                stamp(&mut rec, &cfg, kind, sk as u64);
+                stamp_as(&mut rec, kind, sk as u64, netns_in(st, sk as u64, &cfg));
                 closing(&mut rec, st, false);
                 // Not left to the socket's release: a closed socket may connect again, and its
                 // reads and writes must then count as a client end's.
@@ -488,7 +522,7 @@ fn claim_owner(cfg: &Config, sk: u64, st: &mut SockState) {
     st.tid = rec.tid;
     st.comm = rec.comm;
     st.flags |= Record::FLAG_OWNER_KNOWN as u32;
-    stamp(&mut rec, cfg, RecordKind::Accepted, sk);
+    stamp_as(&mut rec, RecordKind::Accepted, sk, netns_in(st, sk, cfg));
     emit(&rec, cfg.wakeup_bytes);
 }
 
