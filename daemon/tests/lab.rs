@@ -10,6 +10,7 @@ mod e2e;
 
 use std::{
     collections::{BTreeSet, HashMap},
+    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
@@ -152,14 +153,20 @@ async fn k_connections(v6: bool, k: usize, hooks: Hooks) {
     .await;
 
     // Client side: established, close (the connect record only when the socket's state could
-    // not be kept); server side: passive open, accepted, close.
+    // not be kept); server side: passive open, close, and an accepted record where the owner is
+    // not kept in the socket map for user space to read (socket storage, BTF-typed) or is named
+    // at accept(). The close records carry every owner (checked below).
+    let accepted = match hooks {
+        Hooks::Raw | Hooks::Classic => 0,
+        Hooks::Btf | Hooks::RawAccept => k,
+    };
     for (kind, ns, want) in [
         (RecordKind::Connect, cn, 0),
         (RecordKind::Established, cn, k),
         (RecordKind::Close, cn, k),
         (RecordKind::ConnectFailed, cn, 0),
         (RecordKind::PassiveOpen, sn, k),
-        (RecordKind::Accepted, sn, k),
+        (RecordKind::Accepted, sn, accepted),
         (RecordKind::Close, sn, k),
         (RecordKind::PassiveOpen, cn, 0),
         (RecordKind::Established, sn, 0),
@@ -418,8 +425,9 @@ async fn records_without_room_are_counted_as_lost() {
             delivered += 1;
         }
     }
-    // Established, passive open, accepted, two closes (the connect rides on established).
-    let expected = 5 * k as u64;
+    // Established, passive open, two closes (the connect rides on established, the server
+    // end's owner on its state and close).
+    let expected = 4 * k as u64;
     let lost = lost_total(&metrics, "ring_full");
     assert!(
         delivered < expected,
@@ -430,6 +438,54 @@ async fn records_without_room_are_counted_as_lost() {
         "every missing lab record is counted: expected {expected}, delivered {delivered}, \
          lost {lost}"
     );
+}
+
+/// A live server end's owner is the task of its first read, kept with the socket's state: no
+/// record says it, the sampler reads it for rows without an owner (and the close would carry
+/// it). Connections the server has read nothing from have no owner yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_server_ends_learn_their_owner_from_the_socket_state() {
+    require_root();
+    let (lab, server) = lab::client_server(false, 4).expect("lab");
+    let client = lab.pod(0).clone();
+    let agent = start_agent().await;
+    let to = server.addr;
+    let mut held = lab::hold(&client, to, 4).expect("connect");
+    // Three of the four send a byte, which the echo server reads (and answers).
+    for s in held.iter_mut().take(3) {
+        s.write_all(b"x").expect("send");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("echo");
+    }
+    let locals: Vec<SocketAddr> = held
+        .iter()
+        .map(|s| s.local_addr().expect("local"))
+        .collect();
+    let sn = lab.pod(1).netns_inode;
+    let me = std::process::id();
+    let end = Instant::now() + Duration::from_secs(10);
+    let owners = loop {
+        let rows = agent.shared().rows().await;
+        let owners: Vec<Option<u32>> = locals
+            .iter()
+            .map(|l| {
+                rows.iter()
+                    .find(|c| c.key.netns == sn && c.key.remote == *l)
+                    .and_then(|c| c.owner.map(|o| o.pid))
+            })
+            .collect();
+        if owners[..3].iter().all(|o| o.is_some()) || Instant::now() >= end {
+            break owners;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        owners,
+        vec![Some(me), Some(me), Some(me), None],
+        "server ends' owners (the last one was never read)"
+    );
+    drop(held);
+    agent.shutdown().await.expect("shutdown");
 }
 
 /// A socket map with room for one socket: the overflow is counted, records still flow.

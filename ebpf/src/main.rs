@@ -6,7 +6,8 @@
 //!   sampler reads them live; for server ends, in the BTF-typed form, in `SERVER_ENDS`, kept with
 //!   the socket (socket-local storage, which only BTF-typed programs reach).
 //! * `sock/sock_{send,recv}_length` count payload bytes and calls, and name a passively opened
-//!   socket's owner: the task of its first read or write (an `Accepted` record).
+//!   socket's owner: the task of its first read or write (kept in `SOCKS`; in the BTF-typed
+//!   form, where it lives in socket storage user space cannot read, an `Accepted` record).
 //! * `syscalls/sys_exit_accept{,4}`, only where the length hooks are missing, runs in the
 //!   accepting task's context, finds the returned socket through the task's file table and
 //!   records the owner of a passively opened socket.
@@ -512,16 +513,23 @@ fn try_set_state_btf(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
 }
 
+/// Makes the current task the owner of a passively opened socket (`st`).
+#[inline(always)]
+fn take_owner(st: &mut SockState) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    st.tgid = (pid_tgid >> 32) as u32;
+    st.tid = pid_tgid as u32;
+    st.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    st.flags |= Record::FLAG_OWNER_KNOWN as u32;
+}
+
 /// Makes the current task the owner of a passively opened socket (`st`) and tells user space
-/// with an `Accepted` record.
+/// with an `Accepted` record: for state user space cannot read (socket storage), and at accept.
 #[inline(always)]
 fn claim_owner(cfg: &Config, sk: u64, st: &mut SockState) {
+    take_owner(st);
     let mut rec = Record::zeroed();
-    current_owner(&mut rec);
-    st.tgid = rec.tgid;
-    st.tid = rec.tid;
-    st.comm = rec.comm;
-    st.flags |= Record::FLAG_OWNER_KNOWN as u32;
+    owner_from_state(&mut rec, st);
     stamp_as(&mut rec, RecordKind::Accepted, sk, netns_in(st, sk, cfg));
     emit(&rec, cfg.wakeup_bytes);
 }
@@ -696,9 +704,11 @@ fn msg_length_btf(ctx: &BtfTracePointContext, sent: bool) {
 
 /// Adds one call of `ret` bytes to a tracked socket's counters. The raw and classic length
 /// hooks run in the context of the task that reads or writes, so a server end's first call that
-/// moves data also names its owner (an `Accepted` record): the lookup is the one the counters
-/// make anyway, in place of the accept syscall's file-table walk, which the daemon attaches only
-/// where the length hooks are missing.
+/// moves data also names its owner: the lookup is the one the counters make anyway, in place of
+/// the accept syscall's file-table walk (which the daemon attaches only where the length hooks
+/// are missing). The owner stays in the socket's state, where user space reads it (the sampler,
+/// once a second, for a row without owner) and the close record carries it: no record of its
+/// own, which would cost as much as a lifecycle record.
 #[inline(always)]
 fn count_msg(sk: u64, sent: bool, ret: i32) {
     let Some(st) = SOCKS.get_ptr_mut(sk) else {
@@ -709,7 +719,7 @@ fn count_msg(sk: u64, sent: bool, ret: i32) {
     if st.flags & (SockState::FLAG_PASSIVE | Record::FLAG_OWNER_KNOWN as u32)
         == SockState::FLAG_PASSIVE
     {
-        claim_owner(&config(), sk, st);
+        take_owner(st);
     }
     add_msg(st, sent, ret);
 }

@@ -1700,9 +1700,9 @@ fn render(opts: &Options, r: &Results, scrape_table: &[&str], doc: &str) -> Resu
     writeln!(
         md,
         "Method: one daemon as shipped (pinned to CPU {daemon_cpu}), `loadgen` threads pinned \
-         as listed, 3 s per step, increasing load. `connect/close` is the loop above (five \
-         records a connection: established, passive open, accepted, two closes; the \
-         connecting task rides on the established record); `refused connect` is a connect to a \
+         as listed, 3 s per step, increasing load. `connect/close` is the loop above (four \
+         records a connection: established, passive open, two closes; the connecting task \
+         rides on the established record, the server end's owner on its close); `refused connect` is a connect to a \
          port nobody listens on (one failed record, a SYN and a RST: the cheapest way to make \
          records). Records per second are Δ \
          `fanout_records_total` (after a 0.7 s drain) over the step; lost is Δ \

@@ -403,6 +403,15 @@ impl ConnTable {
         }
     }
 
+    /// Sets a live connection's owner where it has none (a server end's, from its socket's state).
+    pub fn learn_owner(&mut self, key: &ConnKey, owner: Owner) {
+        if let Some(c) = self.conns.get_mut(key)
+            && c.owner.is_none()
+        {
+            c.owner = Some(owner);
+        }
+    }
+
     /// Records the backend a ClusterIP connection reached. False when the connection is gone.
     pub fn set_backend(&mut self, key: &ConnKey, backend: SocketAddr) -> bool {
         match self.conns.get_mut(key) {

@@ -48,6 +48,17 @@ pub struct Owner {
     pub comm: Comm,
 }
 
+impl Owner {
+    /// The owner a socket's kernel state names, if it names one.
+    pub fn of_state(st: &fanout_common::SockState) -> Option<Owner> {
+        (st.flags & u32::from(Record::FLAG_OWNER_KNOWN) != 0).then(|| Owner {
+            pid: st.tgid,
+            tid: st.tid,
+            comm: Comm::from_raw(&st.comm),
+        })
+    }
+}
+
 /// A task's command name as the kernel keeps it (`TASK_COMM_LEN`, 16 bytes), held inline: an
 /// owner costs no allocation per record or per table row. Shown and serialized as text, invalid
 /// UTF-8 replaced.

@@ -30,7 +30,7 @@ use crate::{
         regress::{Judged, Regression, Regressions, VerdictHistory, WorkloadKey},
     },
     conntable::{Change, Conn, ConnKey, ConnTable, Direction, Requests, reconcile::Plan},
-    event::{Counters, Event, EventTap, reader::Batch},
+    event::{Counters, Event, EventTap, Owner, reader::Batch},
     exposition::{api, balance::BalanceSnapshot, metrics::Metrics},
     identity::{
         Identity,
@@ -79,6 +79,8 @@ pub struct Sample {
     pub sock: u64,
     pub counters: Counters,
     pub requests: Option<Requests>,
+    /// The owner the kernel named (a server end's: the task of its first read or write).
+    pub owner: Option<Owner>,
 }
 
 /// A connection the sampler reads: its key, socket and direction.
@@ -431,6 +433,9 @@ impl Pipeline {
                 continue;
             }
             self.table.set_stats(&s.key, s.counters, s.requests);
+            if let Some(owner) = s.owner {
+                self.table.learn_owner(&s.key, owner);
+            }
             let Some(conn) = self.table.get(&s.key) else {
                 continue;
             };
@@ -637,11 +642,15 @@ impl Pipeline {
             Query::Tracked { reply } => {
                 // Outbound connections with a kernel socket: the clients' side, whose request
                 // figures the API and the analysis show live. Inbound ones get their figures from
-                // the close record.
+                // the close record, and are read only until their owner is known: the kernel
+                // names it at the socket's first read or write and keeps it with the socket's
+                // state.
                 let tracked = self
                     .table
                     .iter()
-                    .filter(|c| c.sock != 0 && c.direction == Direction::Outbound)
+                    .filter(|c| {
+                        c.sock != 0 && (c.direction == Direction::Outbound || c.owner.is_none())
+                    })
                     .map(|c| Tracked {
                         key: c.key,
                         sock: c.sock,

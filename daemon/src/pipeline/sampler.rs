@@ -5,8 +5,9 @@
 //! pipeline which connections to sample and sends the samples back, so the pipeline never makes
 //! a system call for a map. One lookup per connection: the socket's entry carries its counters
 //! and, for a client end the HTTP/2 scanner follows, the scanner's figure (which the scanner
-//! mirrors there from the state it keeps with the socket). Only outbound connections are read
-//! (the clients' side, whose request figures matter live); inbound ones get their final figures
+//! mirrors there from the state it keeps with the socket). Outbound connections are read (the
+//! clients' side, whose request figures matter live), and inbound ones until their owner is
+//! known (the kernel names it at their first read or write); inbound ones get their final figures
 //! from the close record.
 
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,7 @@ use tokio::sync::watch;
 use super::{Handle, Input, Query, Sample, TICK};
 use crate::{
     conntable::{Direction, requests_figure},
-    event::Counters,
+    event::{Counters, Owner},
     exposition::metrics::Metrics,
     identity::kube::KubeStats,
     probe::Probe,
@@ -66,6 +67,7 @@ pub async fn run(
                         sock: t.sock,
                         counters,
                         requests,
+                        owner: Owner::of_state(&st),
                     })
                 })
                 .collect()
