@@ -15,8 +15,8 @@
 //! allocate small blocks from their own caches (tcache) without taking the arena's lock.
 //!
 //! Invariant: trims run on a blocking thread, never on a runtime worker: once after the probe
-//! load, then from [`run`] only. An inventory swap does not trim by itself; the next periodic
-//! trim, at most [`PERIODIC_TRIM`] later, returns what it freed.
+//! load, once after the startup scan, then from [`run`] only. An inventory swap does not trim by
+//! itself; the next periodic trim, at most [`PERIODIC_TRIM`] later, returns what it freed.
 
 use std::time::{Duration, Instant};
 

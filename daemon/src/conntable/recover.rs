@@ -65,22 +65,40 @@ fn parse_addr(s: &str) -> Option<SocketAddr> {
 
 /// Parses the text of /proc/net/tcp or /proc/net/tcp6. Malformed rows are skipped.
 pub fn parse_proc_net_tcp(text: &str) -> Vec<ProcSock> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
-            if f.len() < 10 {
-                return None;
-            }
-            Some(ProcSock {
-                local: parse_addr(f[1])?,
-                remote: parse_addr(f[2])?,
-                state: u8::from_str_radix(f[3], 16).ok()?,
-                inode: f[9].parse().ok()?,
-            })
-        })
-        .collect()
+    text.lines().skip(1).filter_map(parse_row).collect()
+}
+
+/// One row of /proc/net/tcp: `sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...`.
+fn parse_row(line: &str) -> Option<ProcSock> {
+    let mut f = line.split_whitespace();
+    let local = f.nth(1)?;
+    let remote = f.next()?;
+    let state = f.next()?;
+    let inode = f.nth(5)?;
+    Some(ProcSock {
+        local: parse_addr(local)?,
+        remote: parse_addr(remote)?,
+        state: u8::from_str_radix(state, 16).ok()?,
+        inode: inode.parse().ok()?,
+    })
+}
+
+/// The listeners and connections of /proc/net/tcp or tcp6, read a line at a time: a busy node's
+/// tables are mostly TIME_WAIT rows (hundreds of thousands after a burst), which would otherwise
+/// be read whole into memory and parsed only to be dropped.
+fn read_table(path: &Path) -> std::io::Result<Vec<ProcSock>> {
+    use std::io::BufRead as _;
+    let mut lines = std::io::BufReader::with_capacity(64 << 10, File::open(path)?).lines();
+    let _header = lines.next();
+    let mut socks = Vec::new();
+    for line in lines {
+        if let Some(s) = parse_row(&line?)
+            && (s.state == ST_LISTEN || is_connection_state(s.state))
+        {
+            socks.push(s);
+        }
+    }
+    Ok(socks)
 }
 
 /// Turns one namespace's socket rows into connections. A connection whose local port has a
@@ -196,8 +214,8 @@ fn socket_owners(proc: &Path) -> (HashMap<u64, Owner>, usize) {
 fn read_tables(dir: &Path) -> Vec<ProcSock> {
     let mut socks = Vec::new();
     for name in ["tcp", "tcp6"] {
-        if let Ok(text) = std::fs::read_to_string(dir.join(name)) {
-            socks.extend(parse_proc_net_tcp(&text));
+        if let Ok(rows) = read_table(&dir.join(name)) {
+            socks.extend(rows);
         }
     }
     socks
@@ -404,6 +422,22 @@ mod tests {
             "[fd00:244::2]:80".parse::<SocketAddr>().unwrap(),
             "words are native-endian u32s"
         );
+    }
+
+    #[test]
+    fn reading_a_table_keeps_listeners_and_connections_only() {
+        let all = parse_proc_net_tcp(TCP);
+        let dir = std::env::temp_dir().join(format!("fanout-tcp-{}", std::process::id()));
+        std::fs::write(&dir, TCP).unwrap();
+        let read = read_table(&dir);
+        let _ = std::fs::remove_file(&dir);
+        let read = read.unwrap();
+        let kept: Vec<&ProcSock> = all
+            .iter()
+            .filter(|s| s.state == ST_LISTEN || is_connection_state(s.state))
+            .collect();
+        assert!(kept.len() < all.len(), "the sample has rows to drop");
+        assert_eq!(read.iter().collect::<Vec<_>>(), kept);
     }
 
     #[test]

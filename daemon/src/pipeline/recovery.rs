@@ -74,6 +74,9 @@ pub async fn run(
         return;
     }
     startup(&cfg, &mut reconciler, &pipeline, &features).await;
+    // The scan's garbage (every namespace's socket tables and fd tables) goes back now, not at
+    // the next periodic trim.
+    let _ = tokio::task::spawn_blocking(crate::heap::trim).await;
     ready.store(true, Ordering::Release);
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
