@@ -524,8 +524,8 @@ async fn bursts_are_debounced() {
     let before = source.stats.rebuilds.load(Ordering::Relaxed);
     for i in 0..100 {
         let mut p = web_pod("web-7d9f8c6b5-abcde", "10.244.0.10");
-        if let Some(labels) = p.metadata.labels.as_mut() {
-            labels.insert("generation".into(), i.to_string());
+        if let Some(c) = p.spec.as_mut().and_then(|s| s.containers.first_mut()) {
+            c.image = Some(format!("app:{i}"));
         }
         server.apply(&p);
     }
@@ -535,7 +535,7 @@ async fn bursts_are_debounced() {
         "the last change",
         |inv| {
             inv.pod("shop", "web-7d9f8c6b5-abcde")
-                .is_some_and(|p| p.labels.get("generation").map(String::as_str) == Some("99"))
+                .is_some_and(|p| p.version.as_deref() == Some("app:99"))
         },
     )
     .await;

@@ -101,7 +101,9 @@ struct File {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, try_from = "RawPod")]
-struct PodEntry(Pod);
+/// A pod and its labels, which only the file's service selectors need: the inventory keeps no
+/// labels (a map per pod for nothing, once the endpoints are made).
+struct PodEntry(Pod, BTreeMap<String, String>);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,18 +159,20 @@ impl TryFrom<RawPod> for PodEntry {
             },
         };
         let version = super::model::version_of(&r.image.into_iter().collect::<Vec<_>>(), &r.labels);
-        Ok(PodEntry(Pod {
-            uid: format!("local/{}/{}", r.namespace, r.name),
-            namespace: r.namespace,
-            name: r.name,
-            ips,
-            labels: r.labels,
-            workload,
-            node: r.node,
-            host_network: r.host_network,
-            ready: r.ready,
-            version,
-        }))
+        Ok(PodEntry(
+            Pod {
+                uid: format!("local/{}/{}", r.namespace, r.name),
+                namespace: r.namespace,
+                name: r.name,
+                ips,
+                workload,
+                node: r.node,
+                host_network: r.host_network,
+                ready: r.ready,
+                version,
+            },
+            r.labels,
+        ))
     }
 }
 
@@ -279,7 +283,8 @@ pub fn parse(text: &str, file: &str) -> Result<Inventory, InventoryError> {
             },
         });
     };
-    let pods: Vec<Pod> = pods.into_iter().map(|p| p.0).collect();
+    let (pods, labels): (Vec<Pod>, Vec<BTreeMap<String, String>>) =
+        pods.into_iter().map(|p| (p.0, p.1)).unzip();
     let mut seen = HashSet::new();
     for (i, p) in pods.iter().enumerate() {
         if !seen.insert(p.id()) {
@@ -315,13 +320,10 @@ pub fn parse(text: &str, file: &str) -> Result<Inventory, InventoryError> {
         }
         // Endpoints: pods of the namespace that match the selector, one per pod IP and port.
         if !entry.selector.is_empty() {
-            for pod in pods.iter().filter(|p| {
+            for (pod, _) in pods.iter().zip(&labels).filter(|(p, labels)| {
                 p.namespace == svc.namespace
                     && !p.host_network
-                    && entry
-                        .selector
-                        .iter()
-                        .all(|(k, v)| p.labels.get(k) == Some(v))
+                    && entry.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
             }) {
                 for ip in &pod.ips {
                     for port in &svc.ports {

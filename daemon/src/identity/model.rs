@@ -49,7 +49,6 @@ pub struct Pod {
     pub name: String,
     pub uid: String,
     pub ips: Vec<IpAddr>,
-    pub labels: BTreeMap<String, String>,
     pub workload: Workload,
     /// Node the pod is scheduled on, when known.
     pub node: Option<String>,
@@ -288,7 +287,6 @@ pub(crate) mod tests {
             name: name.into(),
             uid: format!("uid-{name}"),
             ips: vec![ip.parse().unwrap()],
-            labels: BTreeMap::new(),
             workload: Workload {
                 kind: "Pod".into(),
                 name: name.into(),

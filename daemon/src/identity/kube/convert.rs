@@ -85,7 +85,6 @@ pub fn pod_from_k8s(p: &K8sPod) -> Option<Pod> {
             .map(str::to_owned),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         ready,
-        labels,
         namespace,
         name,
     })
@@ -562,7 +561,6 @@ mod tests {
         assert_eq!(p.node.as_deref(), Some("node-a"));
         assert!(p.ready);
         assert!(!p.host_network);
-        assert_eq!(p.labels.get("app").map(String::as_str), Some("web"));
 
         let dual = pod(json!({
             "metadata": {"name": "d", "namespace": "ns"},
