@@ -56,6 +56,10 @@ const VERDICT_HISTORY_FORGET: Duration = Duration::from_secs(24 * 3600);
 /// ClientHello, where the scanner makes its entry) before "no scanner entry" counts as "not
 /// HTTP/2".
 const H2_FIRST_BYTES_GRACE: Duration = Duration::from_secs(2);
+/// A server end without owner is sampled every round while younger than this, then once per
+/// this long (its owner is the task of its first read or write, kept with the socket's state).
+const OWNER_WATCH: Duration = Duration::from_secs(10);
+const OWNER_WATCH_ROUNDS: u64 = OWNER_WATCH.as_secs() / TICK.as_secs();
 /// Regressions kept for `GET /regressions`.
 const REGRESSIONS_KEPT: usize = 100;
 /// Regressions waiting to become Kubernetes Events; over it they are counted and dropped.
@@ -186,6 +190,8 @@ pub struct Pipeline {
     /// When the pipeline last turned (monotonic ns): liveness.
     heartbeat: Arc<std::sync::atomic::AtomicU64>,
     last_verdicts: Nanos,
+    /// Sampler rounds asked for (see [`OWNER_WATCH`]).
+    tracked_rounds: u64,
     /// Refused connects on a service port the pods do not serve.
     ports: PortGotchas,
     /// Recent verdict regressions, with what the client ran before and after.
@@ -236,6 +242,7 @@ impl Pipeline {
             snapshot: parts.snapshot,
             heartbeat: parts.heartbeat,
             last_verdicts: 0,
+            tracked_rounds: 0,
             ports: PortGotchas::new(ports::DEFAULT_CAP),
             regressions: Regressions::new(REGRESSIONS_KEPT),
             regression_events: parts.regression_events,
@@ -644,12 +651,22 @@ impl Pipeline {
                 // figures the API and the analysis show live. Inbound ones get their figures from
                 // the close record, and are read only until their owner is known: the kernel
                 // names it at the socket's first read or write and keeps it with the socket's
-                // state.
+                // state. Those still without one after OWNER_WATCH (a client that sends nothing)
+                // are read every OWNER_WATCH only, so that idle ones cost little.
+                self.tracked_rounds += 1;
+                let all_ownerless = self.tracked_rounds.is_multiple_of(OWNER_WATCH_ROUNDS);
+                let now = monotonic_ns();
+                let watch = OWNER_WATCH.as_nanos() as u64;
                 let tracked = self
                     .table
                     .iter()
                     .filter(|c| {
-                        c.sock != 0 && (c.direction == Direction::Outbound || c.owner.is_none())
+                        c.sock != 0
+                            && (c.direction == Direction::Outbound
+                                || (c.owner.is_none()
+                                    && (all_ownerless
+                                        || c.opened_ns
+                                            .is_none_or(|t| now.saturating_sub(t) < watch))))
                     })
                     .map(|c| Tracked {
                         key: c.key,
