@@ -14,6 +14,13 @@
 //! 71.8 MiB resident with glibc's default, 64.8 with two arenas, 62.9 with one. Threads still
 //! allocate small blocks from their own caches (tcache) without taking the arena's lock.
 //!
+//! And blocks of [`MMAP_THRESHOLD`] or more are mapped on their own, so that freeing one gives
+//! its pages back at once (`MALLOC_MMAP_THRESHOLD_` overrides it). By default glibc raises that
+//! threshold to the size of every mapped block freed, so that once a hash table has outgrown its
+//! first copy, the next copies live in the heap and stay there, freed but resident, until a trim:
+//! the table's growth to 20 000 rows, the sampler's per-second vectors, API answers. Same
+//! comparison, one arena: 62.1 → 54.6 MiB, and 44.3 → 38.2 with the connections alone.
+//!
 //! Invariant: trims run on a blocking thread, never on a runtime worker: once after the probe
 //! load, once after the startup scan, then from [`run`] only. An inventory swap does not trim by
 //! itself; the next periodic trim, at most [`PERIODIC_TRIM`] later, returns what it freed.
@@ -25,14 +32,28 @@ use tokio::sync::watch;
 /// How often [`run`] trims.
 pub const PERIODIC_TRIM: Duration = Duration::from_secs(10);
 
-/// Keeps glibc to one malloc arena unless `MALLOC_ARENA_MAX` says otherwise. Call it before
-/// any thread starts: threads already running keep the arena they have.
+/// Blocks at least this large are mapped on their own and unmapped when freed.
+pub const MMAP_THRESHOLD: i32 = 256 << 10;
+
+/// Keeps glibc to one malloc arena unless `MALLOC_ARENA_MAX` says otherwise, and maps large
+/// blocks on their own unless `MALLOC_MMAP_THRESHOLD_` says otherwise. Call it before any thread
+/// starts: threads already running keep the arena they have.
 pub fn limit_arenas() {
     #[cfg(target_env = "gnu")]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX is a valid one.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
+    {
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX is a valid one.
+            unsafe {
+                libc::mallopt(libc::M_ARENA_MAX, 1);
+            }
+        }
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            // SAFETY: as above. A fixed threshold also turns off glibc's raising it to the size
+            // of every mapped block freed, after which outgrown hash tables and answers would
+            // stay in the heap until a trim.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            }
         }
     }
 }
