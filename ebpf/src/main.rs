@@ -126,9 +126,8 @@ fn count_lost(reason: LostReason) {
     }
 }
 
-/// Inserts per-socket state; a full map is counted and logged.
+/// Keeps `st` as socket `sk`'s state; false when the map is full (counted and logged).
 #[inline(always)]
-/// Keeps `st` as socket `sk`'s state; false (counted) when the map is full.
 fn remember<C: EbpfContext>(ctx: &C, sk: u64, st: &SockState) -> bool {
     if SOCKS.insert(sk, st, 0).is_err() {
         count_lost(LostReason::SockMapFull);

@@ -24,9 +24,9 @@ const SPARES: usize = 2;
 ///
 /// Invariant: a batch's event buffer is reused: the pipeline hands it back emptied
 /// ([`Batch::recycle`]) and the reader fills it again, so that the per-record path does not
-/// grow a new vector per batch (growing one to [`BATCH`] events copies them ten times over; it
-/// was the daemon's largest cost in a profile). At most [`SPARES`] wait to be reused; the
-/// others are freed.
+/// grow a new vector per batch (growing one by doubling copies every event about twice more, and
+/// copying was the daemon's largest cost in a profile). At most [`SPARES`] wait to be reused;
+/// the others are freed.
 #[derive(Default)]
 pub struct Batch {
     pub events: Vec<Event>,

@@ -436,13 +436,22 @@ impl Pipeline {
     fn samples(&mut self, samples: Vec<Sample>) {
         let now = monotonic_ns();
         for s in samples {
-            if self.table.get(&s.key).is_none_or(|c| c.sock != s.sock) {
+            let Some(direction) = self
+                .table
+                .get(&s.key)
+                .filter(|c| c.sock == s.sock)
+                .map(|c| c.direction)
+            else {
                 continue;
-            }
-            self.table.set_stats(&s.key, s.counters, s.requests);
+            };
             if let Some(owner) = s.owner {
                 self.table.learn_owner(&s.key, owner);
             }
+            // An inbound row is read for its owner only; its figures come with its close.
+            if direction == Direction::Inbound {
+                continue;
+            }
+            self.table.set_stats(&s.key, s.counters, s.requests);
             let Some(conn) = self.table.get(&s.key) else {
                 continue;
             };
