@@ -161,14 +161,14 @@ impl SockState {
     pub const FLAG_PASSIVE: u32 = 1 << 8;
 
     /// State of the server end of a connection that established at `start_ns`, owner not known
-    /// until `accept()` returns it.
+    /// until its first read or write (or `accept()`, where the length hooks are missing).
     pub const fn passive(start_ns: u64) -> Self {
         let mut st = Self::started(start_ns);
         st.flags = Self::FLAG_PASSIVE;
         st
     }
 
-    /// State of a socket that established at `start_ns`, owner not known (yet).
+    /// State of a socket that established at `start_ns` (0: not yet), owner not known (yet).
     pub const fn started(start_ns: u64) -> Self {
         SockState {
             start_ns,
@@ -176,25 +176,6 @@ impl SockState {
             tid: 0,
             comm: [0; 16],
             flags: 0,
-            h2: 0,
-            netns: 0,
-            _reserved: 0,
-            bytes_sent: 0,
-            bytes_recv: 0,
-            msgs_sent: 0,
-            msgs_recv: 0,
-            requests: 0,
-        }
-    }
-
-    /// State of a socket whose owner is in `rec` and that has not established yet.
-    pub const fn owned_by(rec: &Record) -> Self {
-        SockState {
-            start_ns: 0,
-            tgid: rec.tgid,
-            tid: rec.tid,
-            comm: rec.comm,
-            flags: (rec.flags & Record::FLAG_OWNER_KNOWN) as u32,
             h2: 0,
             netns: 0,
             _reserved: 0,

@@ -156,16 +156,6 @@ fn emit(rec: &Record, wakeup_bytes: u64) {
     }
 }
 
-/// Owner fields from the current task (only meaningful in process context).
-#[inline(always)]
-fn current_owner(rec: &mut Record) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    rec.tgid = (pid_tgid >> 32) as u32;
-    rec.tid = pid_tgid as u32;
-    rec.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    rec.flags |= Record::FLAG_OWNER_KNOWN;
-}
-
 #[inline(always)]
 fn owner_from_state(rec: &mut Record, st: &SockState) {
     if st.flags & Record::FLAG_OWNER_KNOWN as u32 != 0 {
@@ -352,12 +342,13 @@ fn lifecycle<C: EbpfContext>(
             // socket's state to the established or failed record; a connect record of its own
             // is emitted only when that state could not be kept, so that the owner still
             // reaches user space (one record fewer per connection otherwise).
-            current_owner(&mut rec);
-            let mut st = SockState::owned_by(&rec);
+            let mut st = SockState::started(0);
+            take_owner(&mut st);
             st.netns = netns_of(sk, cfg);
             if remember(ctx, sk, &st) {
                 return Ok(());
             }
+            owner_from_state(&mut rec, &st);
             stamp_as(&mut rec, kind, sk, st.netns);
         }
         RecordKind::Established => match SOCKS.get_ptr_mut(sk) {
@@ -512,7 +503,8 @@ fn try_set_state_btf(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
 }
 
-/// Makes the current task the owner of a passively opened socket (`st`).
+/// Makes the current task the owner of a socket (`st`): the connecting task, or a passively
+/// opened socket's first reader or writer (only meaningful in process context).
 #[inline(always)]
 fn take_owner(st: &mut SockState) {
     let pid_tgid = bpf_get_current_pid_tgid();
