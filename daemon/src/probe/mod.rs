@@ -342,7 +342,7 @@ impl Probe {
                     tracing::warn!(
                         error = %e,
                         "BTF-typed tracepoints refused; using raw ones, which keep server ends' \
-                         state in the socket map and walk the accepting task's file table"
+                         state in the socket map"
                     );
                 }
                 attach_tracepoints(
@@ -452,19 +452,16 @@ impl Probe {
 }
 
 /// Programs whose runs emit lifecycle records: a run the kernel skipped may be a lost record.
-pub const RECORD_PROGRAMS: [&str; 11] = [
+pub const RECORD_PROGRAMS: [&str; 7] = [
     "inet_sock_set_state_btf",
     "inet_sock_set_state_raw",
     "inet_sock_set_state",
     "sys_exit_accept4",
     "sys_exit_accept",
-    // They emit the owner of a server end at its first read or write.
+    // They emit the owner of a server end at its first read or write. The raw and classic
+    // length hooks emit nothing: they keep that owner in the socket's state.
     "sock_send_length_btf",
     "sock_recv_length_btf",
-    "sock_send_length_raw",
-    "sock_recv_length_raw",
-    "sock_send_length",
-    "sock_recv_length",
 ];
 
 /// A `name:\tvalue` field of a BPF object's fdinfo text.
