@@ -6,7 +6,7 @@
 //! the peak for the agent's whole life: with 4 000 table rows, 36.8 MiB resident before a trim,
 //! 30.4 MiB after.
 //!
-//! The daemon also keeps one malloc arena ([`limit_arenas`], before its first thread; the
+//! The daemon also keeps one malloc arena ([`tune_malloc`], before its first thread; the
 //! `MALLOC_ARENA_MAX` environment variable overrides it). glibc gives threads arenas of their own
 //! (up to 8 per CPU), each holding its own free memory: the pipeline runs on whichever runtime
 //! worker is free, so its tables and their outgrown copies spread over several arenas. Side by
@@ -38,7 +38,7 @@ pub const MMAP_THRESHOLD: i32 = 256 << 10;
 /// Keeps glibc to one malloc arena unless `MALLOC_ARENA_MAX` says otherwise, and maps large
 /// blocks on their own unless `MALLOC_MMAP_THRESHOLD_` says otherwise. Call it before any thread
 /// starts: threads already running keep the arena they have.
-pub fn limit_arenas() {
+pub fn tune_malloc() {
     #[cfg(target_env = "gnu")]
     {
         if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     // Before the runtime makes any thread: the arenas are chosen at a thread's first allocation.
-    fanout::heap::limit_arenas();
+    fanout::heap::tune_malloc();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1355,15 +1355,18 @@ pub fn run(fanout: &Path, loadgen: &Path, opts: &Options, scrape: &str, out: &Pa
     std::fs::write(&small_inv, inventory(&lab_pods, 0, 0))?;
     std::fs::write(&big_inv, inventory(&lab_pods, 10_000, 1_000))?;
 
-    if opts.memory_only {
-        let m = memory(
+    let memory_phase = || {
+        memory(
             fanout,
             loadgen,
             daemon_cpu,
             &log,
             (&small_inv, &big_inv),
             (lab.pod(1), lab.pod(2), lab.pod(3)),
-        )?;
+        )
+    };
+    if opts.memory_only {
+        let m = memory_phase()?;
         let mib = |k: f64| k / 1024.0;
         eprintln!(
             "memory only: idle {:.1} MiB, connections {:.1}, inventory {:.1}, both {:.1}, \
@@ -1375,6 +1378,10 @@ pub fn run(fanout: &Path, loadgen: &Path, opts: &Options, scrape: &str, out: &Pa
             mib(m.rss_after_api),
             mib(m.hwm_after_api),
             m.maps as f64 / 1048576.0
+        );
+        eprintln!(
+            "memory only: the daemon's smaps with both loads: {}",
+            log.with_file_name("smaps-both.txt").display()
         );
         return Ok(());
     }
@@ -1416,14 +1423,7 @@ pub fn run(fanout: &Path, loadgen: &Path, opts: &Options, scrape: &str, out: &Pa
     drop(stats);
     drop(client);
     drop(server);
-    let mem = memory(
-        fanout,
-        loadgen,
-        daemon_cpu,
-        &log,
-        (&small_inv, &big_inv),
-        (lab.pod(1), lab.pod(2), lab.pod(3)),
-    )?;
+    let mem = memory_phase()?;
     drop(lab);
     let took = began.elapsed();
 

@@ -87,11 +87,16 @@ fn parse_row(line: &str) -> Option<ProcSock> {
 /// tables are mostly TIME_WAIT rows (hundreds of thousands after a burst), which would otherwise
 /// be read whole into memory and parsed only to be dropped.
 fn read_table(path: &Path) -> std::io::Result<Vec<ProcSock>> {
-    use std::io::BufRead as _;
-    let mut lines = std::io::BufReader::with_capacity(64 << 10, File::open(path)?).lines();
-    let _header = lines.next();
+    kept_rows(std::io::BufReader::with_capacity(
+        64 << 10,
+        File::open(path)?,
+    ))
+}
+
+/// The rows of a /proc/net/tcp text that [`connections`] can use: listeners and connections.
+fn kept_rows(text: impl std::io::BufRead) -> std::io::Result<Vec<ProcSock>> {
     let mut socks = Vec::new();
-    for line in lines {
+    for line in text.lines().skip(1) {
         if let Some(s) = parse_row(&line?)
             && (s.state == ST_LISTEN || is_connection_state(s.state))
         {
@@ -427,11 +432,7 @@ mod tests {
     #[test]
     fn reading_a_table_keeps_listeners_and_connections_only() {
         let all = parse_proc_net_tcp(TCP);
-        let dir = std::env::temp_dir().join(format!("fanout-tcp-{}", std::process::id()));
-        std::fs::write(&dir, TCP).unwrap();
-        let read = read_table(&dir);
-        let _ = std::fs::remove_file(&dir);
-        let read = read.unwrap();
+        let read = kept_rows(TCP.as_bytes()).unwrap();
         let kept: Vec<&ProcSock> = all
             .iter()
             .filter(|s| s.state == ST_LISTEN || is_connection_state(s.state))

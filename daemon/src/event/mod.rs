@@ -29,7 +29,8 @@ impl EventTap {
             .subscribe()
     }
 
-    /// Hands `events` to the subscribers, if there are any, leaving the vector empty.
+    /// Hands `events` to the subscribers, if there are any (emptying the vector); with none, the
+    /// vector is left as it is for its owner to reuse.
     pub fn send_all(&self, events: &mut Vec<Event>) {
         if let Some(tx) = self.0.get() {
             for ev in events.drain(..) {

@@ -99,10 +99,10 @@ struct File {
     services: Vec<ServiceEntry>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, try_from = "RawPod")]
 /// A pod and its labels, which only the file's service selectors need: the inventory keeps no
 /// labels (a map per pod for nothing, once the endpoints are made).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, try_from = "RawPod")]
 struct PodEntry(Pod, BTreeMap<String, String>);
 
 #[derive(Deserialize)]
